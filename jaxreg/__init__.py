@@ -1,0 +1,1 @@
+"""jaxreg: differentiable medical image registration in JAX."""

@@ -1,0 +1,343 @@
+"""Synthetic registration pairs with known answers (host-side NumPy, float32 images, int32 labels).
+
+* :func:`synthetic_pair` — SynthMorph-style: a random smooth label map, random contrasts, a random smooth
+  deformation plus a small affine, bias field and noise. Any 2-D or 3-D shape. Returns the ground-truth
+  displacement in voxels, pull convention: ``fixed[x] ≈ moving[x + disp(x)]``.
+* :func:`mni_pair` — realistic brain pairs built from nilearn's packaged MNI152 2009 template (T1 and GM/WM
+  probability maps), moved by a random affine + smooth deformation; T1 or T2-like moving contrast. Needs nilearn
+  (``pip install jaxreg[data]``); the template is read from nilearn's package folder, offline.
+
+Randomness is NumPy's ``np.random.default_rng``; ``key`` may be an int seed, a ``np.random.Generator`` or a JAX
+PRNG key (its key data seed the generator). Same key, same output.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from .io import Volume, load
+from .preprocess import _coords, downsample, normalize
+
+__all__ = ["synthetic_pair", "mni_pair", "smooth_random_field"]
+
+
+def _rng(key) -> np.random.Generator:
+    """A NumPy generator from an int seed, a Generator, or a JAX PRNG key."""
+    if isinstance(key, np.random.Generator):
+        return key
+    if isinstance(key, (int, np.integer)):
+        return np.random.default_rng(int(key))
+    try:
+        import jax
+
+        data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        words = np.asarray(data).astype(np.uint64).ravel().tolist()
+    except Exception as err:
+        raise TypeError(f"key must be an int seed, a np.random.Generator or a JAX PRNG key, got {type(key)}") from err
+    return np.random.default_rng(words)
+
+
+def _basis(n: int, spacing: float) -> np.ndarray:
+    """``(n, m)`` Gaussian-RBF weights from ``m`` control points (``spacing`` voxels apart) to ``n`` grid points.
+
+    Rows have unit L2 norm, so i.i.d. unit-variance control values give unit-variance grid values.
+    """
+    spacing = max(float(spacing), 1e-3)
+    m = int(np.ceil((n - 1) / spacing)) + 3
+    centres = (np.arange(m) - 1.0) * spacing
+    x = np.arange(n, dtype=np.float64)
+    w = np.exp(-0.5 * ((x[:, None] - centres[None, :]) / spacing) ** 2)
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def smooth_random_field(key, shape, channels: int, *, spacing: float = 8.0) -> np.ndarray:
+    """Smooth Gaussian random field ``(*shape, channels)`` float64, about unit variance per voxel and channel.
+
+    I.i.d. normal values on a control grid ``spacing`` voxels apart are interpolated with separable Gaussian radial
+    basis weights (width ``spacing``): features are about ``spacing`` voxels across.
+    """
+    rng = _rng(key)
+    bases = [_basis(n, spacing) for n in shape]
+    field = rng.standard_normal(tuple(b.shape[1] for b in bases) + (channels,))
+    for axis, b in enumerate(bases):
+        field = np.moveaxis(np.tensordot(b, field, axes=(1, axis)), 0, axis)
+    return field
+
+
+def _scaled_field(rng, shape, nd, spacing, max_norm) -> np.ndarray:
+    """Smooth vector field ``(*shape, nd)`` whose largest vector length is ``max_norm``."""
+    field = smooth_random_field(rng, shape, nd, spacing=spacing)
+    peak = np.sqrt((field**2).sum(-1)).max()
+    return field * (max_norm / peak) if max_norm > 0 and peak > 0 else np.zeros_like(field)
+
+
+def _rotation(angles) -> np.ndarray:
+    """Rotation matrix from one angle (2-D) or three angles about x, y, z (3-D), radians."""
+    if len(angles) == 1:
+        c, s = np.cos(angles[0]), np.sin(angles[0])
+        return np.array([[c, -s], [s, c]])
+    rot = np.eye(3)
+    for axis, a in enumerate(angles):
+        c, s = np.cos(a), np.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        rot = r @ rot
+    return rot
+
+
+def _random_linear(rng, nd, max_rotation_deg, max_scaling) -> np.ndarray:
+    """Random rotation @ anisotropic scaling, ``(nd, nd)``."""
+    n_angles = 1 if nd == 2 else 3
+    angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, n_angles))
+    scales = 1.0 + rng.uniform(-max_scaling, max_scaling, nd)
+    return _rotation(angles) @ np.diag(scales)
+
+
+def _warp(data, coords, order):
+    return ndi.map_coordinates(data, coords, order=order, mode="nearest" if order == 0 else "constant", cval=0.0)
+
+
+def _render(rng, labels, means, *, blur, bias_scale, bias_spacing, noise_std) -> np.ndarray:
+    """Label map -> image: per-label mean, blur, multiplicative smooth bias field, Gaussian noise, [0, 1] scaling."""
+    img = means[labels].astype(np.float64)
+    if blur > 0:
+        img = ndi.gaussian_filter(img, blur, mode="nearest")
+    if bias_scale > 0:
+        img = img * np.exp(bias_scale * smooth_random_field(rng, labels.shape, 1, spacing=bias_spacing)[..., 0])
+    if noise_std > 0:
+        img = img + noise_std * rng.standard_normal(labels.shape)
+    return normalize(img, lower=0.0, upper=100.0)
+
+
+def synthetic_pair(
+    key,
+    *,
+    shape=(64, 64),
+    num_labels: int = 8,
+    label_smoothness: float = 6.0,
+    deform_scale: float = 3.0,
+    deform_spacing: float = 8.0,
+    affine_scale: float = 1.0,
+    same_contrast: bool = True,
+    blur: float = 0.5,
+    bias_scale: float = 0.2,
+    noise_std: float = 0.02,
+) -> dict:
+    """A random 2-D or 3-D pair with a known displacement (SynthMorph-style).
+
+    A label map (argmax of ``num_labels`` smooth noise channels, features ``label_smoothness`` voxels across) is the
+    moving anatomy. The fixed anatomy pulls it through ``x + disp(x)``, where ``disp`` combines a small random affine
+    about the grid centre (rotation up to 5°, per-axis scaling ±5 %, translation ±2 voxels, all times
+    ``affine_scale``) and a smooth random deformation (control spacing ``deform_spacing`` voxels, largest vector
+    ``deform_scale`` voxels). Labels are warped nearest-neighbour (edge-replicated), so
+    ``fixed_labels[x] == moving_labels[round(x + disp(x))]`` exactly. Each label map is then rendered with one
+    random intensity per label (shared unless ``same_contrast=False``), blurred (``blur`` voxels), multiplied by a
+    smooth bias field ``exp(bias_scale * field)``, given Gaussian noise (``noise_std``) and scaled to [0, 1].
+
+    Args:
+      key: int seed, ``np.random.Generator`` or JAX PRNG key; deterministic given the key.
+      shape: spatial shape, 2 or 3 axes.
+
+    Returns:
+      dict with ``fixed``, ``moving``: ``shape`` float32 in [0, 1]; ``fixed_labels``, ``moving_labels``: ``shape``
+      int32 in ``[0, num_labels)``; ``disp``: ``(*shape, ndim)`` float32 voxels, pull convention
+      ``fixed[x] ≈ moving[x + disp(x)]``.
+    """
+    shape = tuple(int(n) for n in shape)
+    nd = len(shape)
+    if nd not in (2, 3) or min(shape) < 2:
+        raise ValueError(f"synthetic_pair: shape must have 2 or 3 axes of size >= 2, got {shape}")
+    if num_labels < 2:
+        raise ValueError(f"synthetic_pair: num_labels must be >= 2, got {num_labels}")
+    rng = _rng(key)
+
+    moving_labels = smooth_random_field(rng, shape, num_labels, spacing=label_smoothness).argmax(-1).astype(np.int32)
+
+    lin = _random_linear(rng, nd, 5.0 * affine_scale, 0.05 * affine_scale)
+    shift = rng.uniform(-2.0, 2.0, nd) * affine_scale
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    matrix = np.eye(nd + 1)
+    matrix[:nd, :nd] = lin
+    matrix[:nd, nd] = centre - lin @ centre + shift
+    coords = _coords(matrix, shape, shape)  # (nd, *shape) affine part of x + disp(x)
+    coords += np.moveaxis(_scaled_field(rng, shape, nd, deform_spacing, deform_scale), -1, 0)
+    disp = coords - np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+
+    fixed_labels = _warp(moving_labels, coords, 0).astype(np.int32)
+
+    fixed_means = rng.uniform(0.0, 1.0, num_labels)
+    moving_means = fixed_means if same_contrast else rng.uniform(0.0, 1.0, num_labels)
+    opts = dict(blur=blur, bias_scale=bias_scale, bias_spacing=max(shape) / 2, noise_std=noise_std)
+    fixed = _render(rng, fixed_labels, fixed_means, **opts)
+    moving = _render(rng, moving_labels, moving_means, **opts)
+    return dict(
+        fixed=fixed,
+        moving=moving,
+        fixed_labels=fixed_labels,
+        moving_labels=moving_labels,
+        disp=np.moveaxis(disp, 0, -1).astype(np.float32),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- MNI
+
+_MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def _nilearn_data_dir() -> str:
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("mni_pair needs nilearn, whose package ships the MNI152 template: pip install jaxreg[data]")
+    return os.path.join(os.path.dirname(spec.origin), "datasets", "data")
+
+
+def _crop(arr: np.ndarray, start, stop) -> np.ndarray:
+    """``arr[start:stop]`` per axis, zero-padded where the box leaves the array."""
+    lo = [max(0, s) for s in start]
+    hi = [min(n, e) for n, e in zip(arr.shape, stop)]
+    pads = [(lo_i - s, e - hi_i) for s, e, lo_i, hi_i in zip(start, stop, lo, hi)]
+    return np.pad(arr[tuple(slice(a, b) for a, b in zip(lo, hi))], pads)
+
+
+@functools.lru_cache(maxsize=2)
+def _mni_template(folder: str, resolution: int, margin_mm: float = 8.0) -> dict:
+    """The MNI152 2009 template at ``resolution`` mm, cropped to the brain box + ``margin_mm``; cached in-process.
+
+    Brain mask: voxels where the (skull-stripped) T1 template is non-zero or GM + WM probability exceeds 0.5,
+    computed at 1 mm, downsampled as a fraction and thresholded at 0.5, holes filled, largest component kept.
+    Labels inside the mask: WM (3) or GM (2) where GM + WM probability >= 0.5, whichever of the two is larger;
+    CSF (1) elsewhere inside the mask (neither tissue reaches the threshold); background 0 outside.
+    """
+    vols = {}
+    for name, fname in _MNI_FILES.items():
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"nilearn's packaged MNI152 file is missing: {path} (reinstall nilearn)")
+        vols[name] = load(path)
+    affine = vols["t1"].affine
+    t1, gm, wm = (vols[k].data / np.float32(255.0) for k in ("t1", "gm", "wm"))
+    mask = ((t1 > 0) | (gm + wm > 0.5)).astype(np.float32)
+    if resolution != 1:
+        small = downsample(Volume(np.stack([t1, gm, wm, mask], axis=-1), affine, True), resolution)
+        affine = small.affine
+        t1, gm, wm, mask = np.moveaxis(small.data, -1, 0)
+    mask = ndi.binary_fill_holes(mask > 0.5)
+    comp, n = ndi.label(mask)
+    if n > 1:
+        mask = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+    # crop to the mask's bounding box plus the margin (zero padding where the box leaves the template)
+    idx = np.argwhere(mask)
+    pad = int(np.ceil(margin_mm / resolution))
+    start, stop = idx.min(0) - pad, idx.max(0) + 1 + pad
+    t1, gm, wm, mask = (_crop(a, start, stop) for a in (t1, gm, wm, mask))
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    affine = affine @ shift
+    mask = mask.astype(np.float32)
+    gm, wm = gm * mask, wm * mask
+    labels = np.where(mask > 0, np.where(gm + wm >= 0.5, np.where(gm >= wm, 2, 3), 1), 0)
+    csf = np.clip(mask - gm - wm, 0.0, 1.0)
+    out = dict(
+        t1=normalize(t1 * mask, mask=mask > 0),
+        t2=normalize(1.0 * csf + 0.55 * gm + 0.3 * wm, mask=mask > 0),
+        labels=labels.astype(np.int32),
+        mask=mask > 0,
+        affine=affine,
+    )
+    for v in out.values():
+        v.flags.writeable = False
+    return out
+
+
+def mni_pair(
+    key,
+    *,
+    resolution: int = 2,
+    contrast: str = "t1",
+    affine_scale: float = 1.0,
+    deform_scale: float = 4.0,
+    deform_spacing_mm: float = 16.0,
+    bias_scale: float | None = None,
+    noise_std: float | None = None,
+) -> dict:
+    """A brain registration pair from the MNI152 2009 template (nilearn's packaged copy, read offline).
+
+    Fixed: the T1 template at ``resolution`` mm (1 or 2), skull-stripped, cropped to the brain bounding box plus
+    8 mm (2 mm: 80 x 98 x 85 voxels; 1 mm: 161 x 197 x 171), robustly scaled to [0, 1] within the brain.
+
+    Moving: the same anatomy pulled through a seeded random transform, ``moving[y] = fixed[phi(y)]``: an affine in
+    world mm about the brain centre (rotation up to 10° per axis, per-axis scaling ±10 %, translation ±8 mm, all
+    times ``affine_scale``) plus a smooth random deformation (control spacing ``deform_spacing_mm``, largest vector
+    ``deform_scale`` mm). Images are warped linearly, labels nearest-neighbour (scipy). ``contrast="t2"`` renders
+    the moving image T2-like from the tissue maps (CSF bright, GM mid, WM dark) before warping, then applies a
+    smooth multiplicative bias field ``exp(bias_scale * field)`` and Rician-like noise ``|x + noise_std * n|``
+    (defaults 0.2 and 0.03; 0 and 0 for ``"t1"``), and rescales to [0, 1] within the brain. The ground-truth
+    field is not returned (it would need inverting ``phi``); evaluate with the labels.
+
+    Labels (both images): 0 background, 1 CSF, 2 GM, 3 WM. Brain mask: T1 template non-zero or GM + WM probability
+    above 0.5 (at 1 mm; downsampled as a fraction and thresholded at 0.5), holes filled, largest component. Inside
+    it, GM or WM (whichever probability is larger) where GM + WM >= 0.5, CSF elsewhere (neither tissue reaches the
+    threshold: ventricles, sulci). The template is cached per process (first call about 1-3 s, then well under a
+    second per 2 mm pair).
+
+    Args:
+      key: int seed, ``np.random.Generator`` or JAX PRNG key; deterministic given the key.
+
+    Returns:
+      dict with ``fixed``, ``moving``: ``(X, Y, Z)`` float32; ``fixed_labels``, ``moving_labels``: int32;
+      ``affine``: ``(4, 4)`` float64 voxel -> world (RAS+ mm) of the grid both images share; ``spacing``: ``(3,)``
+      float64 mm.
+
+    Raises:
+      ImportError: nilearn is not installed (``pip install jaxreg[data]``).
+    """
+    if resolution not in (1, 2):
+        raise ValueError(f"mni_pair: resolution must be 1 or 2 (mm), got {resolution}")
+    if contrast not in ("t1", "t2"):
+        raise ValueError(f"mni_pair: contrast must be 't1' or 't2', got {contrast!r}")
+    tpl = _mni_template(_nilearn_data_dir(), int(resolution))
+    rng = _rng(key)
+    affine, shape = tpl["affine"], tpl["labels"].shape
+    lin_vox = affine[:3, :3]
+
+    # world transform q = c + M (p - c) + t about the brain centre, expressed on voxel indices
+    centre = affine[:3, :3] @ np.argwhere(tpl["mask"]).mean(0) + affine[:3, 3]
+    lin = _random_linear(rng, 3, 10.0 * affine_scale, 0.10 * affine_scale)
+    shift = rng.uniform(-8.0, 8.0, 3) * affine_scale
+    world = np.eye(4)
+    world[:3, :3] = lin
+    world[:3, 3] = centre - lin @ centre + shift
+    index_map = np.linalg.solve(affine, world @ affine)
+    coords = _coords(index_map, shape, shape)
+    field_mm = _scaled_field(rng, shape, 3, deform_spacing_mm / resolution, deform_scale)
+    coords += np.moveaxis(field_mm @ np.linalg.inv(lin_vox).T, -1, 0)
+
+    moving = ndi.map_coordinates(tpl[contrast], coords, order=1, mode="constant", cval=0.0)
+    moving_labels = ndi.map_coordinates(tpl["labels"], coords, order=0, mode="constant", cval=0)
+    bias_scale = (0.2 if contrast == "t2" else 0.0) if bias_scale is None else bias_scale
+    noise_std = (0.03 if contrast == "t2" else 0.0) if noise_std is None else noise_std
+    if bias_scale > 0 or noise_std > 0:
+        img = moving.astype(np.float64)
+        if bias_scale > 0:
+            bias = smooth_random_field(rng, shape, 1, spacing=64.0 / resolution)[..., 0]
+            img = img * np.exp(bias_scale * bias)
+        if noise_std > 0:
+            img = np.abs(img + noise_std * rng.standard_normal(shape))
+        moving = normalize(img, mask=moving_labels > 0)
+    return dict(
+        fixed=np.array(tpl["t1"]),
+        moving=moving.astype(np.float32),
+        fixed_labels=np.array(tpl["labels"]),
+        moving_labels=moving_labels.astype(np.int32),
+        affine=np.array(affine),
+        spacing=np.linalg.norm(affine[:3, :3], axis=0),
+    )

@@ -1,0 +1,319 @@
+"""Grids, warping, field composition and integration, resizing, Jacobians, smoothing (2-D and 3-D).
+
+Conventions used throughout jaxreg:
+
+* An image is ``(*spatial)`` or ``(*spatial, C)`` (channels last); ``len(spatial)`` is 2 or 3.
+* A displacement or velocity field is ``(*spatial, ndim)`` in **voxel units** of the grid it lives on (the fixed
+  grid); component ``d`` moves along array axis ``d``.
+* Warping **pulls**: ``warp(moving, u)[x] = moving[x + u(x)]``. The moving image may live on another grid: ``x + u(x)``
+  are then voxel indices into the moving array.
+* Grids of different shapes cover the same extent with voxel centres aligned ("half-pixel" convention, as
+  ``jax.image.resize``): index ``i`` of a grid of size ``S`` sits at ``(i + 0.5) / S`` of the extent.
+
+Boundary modes for sampling outside the moving image: ``"constant"`` (interpolate towards ``cval``; SciPy's
+``grid-constant``, PyTorch's ``padding_mode="zeros"``) and ``"nearest"`` (repeat the border value; SciPy's and
+PyTorch's ``"border"``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.ndimage import map_coordinates
+
+from jaxreg import _validate
+
+MODES = ("constant", "nearest")
+
+
+def identity_grid(shape, *, dtype=jnp.float32) -> jax.Array:
+    """Voxel index coordinates of a grid: array ``(*shape, ndim)`` with ``grid[x] = x``."""
+    axes = [jnp.arange(s, dtype=dtype) for s in shape]
+    return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------- warping
+def _split(coords):
+    """Per-axis integer floor and fractional part of voxel coordinates ``(*out, ndim)``."""
+    lo, frac = [], []
+    for k in range(coords.shape[-1]):
+        c = coords[..., k]
+        f = jnp.floor(c)
+        lo.append(f.astype(jnp.int32))
+        frac.append(c - f)
+    return lo, frac
+
+
+def _corner_value(flat, shape, lo, offset, mode, cval):
+    """Values ``(*out)`` of one interpolation corner (``lo + offset``) of the flattened image ``flat``."""
+    index, valid = 0, None
+    for k, (size, o) in enumerate(zip(shape, offset)):
+        i = lo[k] + o
+        if mode == "constant":
+            inside = (i >= 0) & (i < size)
+            valid = inside if valid is None else valid & inside
+        index = index + jnp.clip(i, 0, size - 1) * int(np.prod(shape[k + 1:]))
+    value = flat[index]
+    if mode == "constant":
+        value = jnp.where(valid, value, jnp.asarray(cval, flat.dtype))
+    return value
+
+
+def _linear_reference(image, coords, mode, cval):
+    """Linear interpolation written as 2**ndim gathers of a flat index (one per corner), weights inline."""
+    lo, frac = _split(coords)
+    flat = image.reshape(-1)
+    out = 0
+    for offset in itertools.product((0, 1), repeat=len(lo)):
+        weight = math.prod(f if o else 1 - f for f, o in zip(frac, offset))
+        out = out + weight * _corner_value(flat, image.shape, lo, offset, mode, cval)
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _linear(image, coords, mode, cval):
+    """Linear interpolation of ``image (*S)`` at ``coords (*out, ndim)``; custom VJP (gathers only for coords)."""
+    return _linear_reference(image, coords, mode, cval)
+
+
+def _linear_fwd(image, coords, mode, cval):
+    return _linear_reference(image, coords, mode, cval), (image, coords)
+
+
+def _linear_bwd(mode, cval, residuals, g):
+    """d out / d coords_k = sum over corners of value * d weight / d coord_k (the same gathers as the forward)."""
+    image, coords = residuals
+    lo, frac = _split(coords)
+    flat = image.reshape(-1)
+    ndim = len(lo)
+    grads = [0] * ndim
+    for offset in itertools.product((0, 1), repeat=ndim):
+        value = g * _corner_value(flat, image.shape, lo, offset, mode, cval)
+        factors = [f if o else 1 - f for f, o in zip(frac, offset)]
+        for k in range(ndim):
+            term = value * math.prod(factors[:k] + factors[k + 1:])
+            grads[k] = grads[k] + term if offset[k] else grads[k] - term
+    # The image cotangent is a scatter (transpose of the gather); XLA drops it when the image is constant.
+    _, image_vjp = jax.vjp(lambda im: _linear_reference(im, coords, mode, cval), image)
+    (g_image,) = image_vjp(g)
+    return g_image, jnp.stack(grads, axis=-1).astype(coords.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _sample(image, coords, order, mode, cval):
+    """Sample a single-channel image ``(*S)`` at voxel coordinates ``(*out, ndim)``."""
+    if order == 1:
+        return _linear(image, coords, mode, cval)
+    coords = jax.lax.stop_gradient(coords)
+    return map_coordinates(image, list(jnp.moveaxis(coords, -1, 0)), order=0, mode=mode, cval=cval)
+
+
+def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
+    """Sample ``image`` ``(*S)`` or ``(*S, C)`` at voxel coordinates ``coords`` ``(*out, ndim)``.
+
+    Returns ``(*out)`` or ``(*out, C)`` in the image's dtype. ``order`` 1 is linear (differentiable w.r.t. both the
+    image and the coordinates), 0 is nearest neighbour (no gradient w.r.t. the coordinates).
+    """
+    coords = _validate.floating(coords, "coords")
+    if coords.ndim < 2 or coords.shape[-1] not in (2, 3):
+        raise ValueError(f"coords must have shape (*out, ndim) with ndim in {{2, 3}}, got {coords.shape}")
+    ndim = coords.shape[-1]
+    image = _validate.floating(image, "image")
+    if image.ndim not in (ndim, ndim + 1):
+        raise ValueError(f"image must have {ndim} spatial axes (and an optional channel axis), got {image.shape}")
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _validate.finite(image, "image")
+    _validate.finite(coords, "coords")
+    coords = coords.astype(image.dtype)
+    if image.ndim == ndim:
+        return _sample(image, coords, order, mode, cval)
+    return jax.vmap(lambda im: _sample(im, coords, order, mode, cval), in_axes=-1, out_axes=-1)(image)
+
+
+def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
+    """Pull-resample ``image`` through the displacement ``disp``: ``out[x] = image[x + disp(x)]``.
+
+    Args:
+      image: ``(*S)`` or ``(*S, C)`` float array (the moving image; ``S`` may differ from the field's grid).
+      disp: ``(*out, ndim)`` displacement in voxels, defined on the output (fixed) grid.
+      order: 1 linear (default), 0 nearest neighbour.
+      mode: ``"constant"`` (outside is ``cval``) or ``"nearest"`` (border value).
+    Returns:
+      ``(*out)`` or ``(*out, C)``, the image's dtype.
+    """
+    disp = _validate.field(disp, "disp")
+    return sample(image, identity_grid(disp.shape[:-1], dtype=disp.dtype) + disp, order=order, mode=mode, cval=cval)
+
+
+def warp_labels(labels, disp, *, num_labels: int | None = None) -> jax.Array:
+    """Warp an integer label map ``(*S)`` through ``disp`` ``(*out, ndim)``; returns int32 ``(*out)``.
+
+    With ``num_labels=None`` labels are sampled by nearest neighbour (outside: 0). With ``num_labels=K`` the one-hot
+    encoding is warped linearly and the arg-max taken (smoother boundaries; labels must lie in ``[0, K)``). For soft
+    (differentiable) labels, ``warp`` a one-hot array ``(*S, K)`` directly.
+    """
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype} with shape {labels.shape}")
+    disp = _validate.field(disp, "disp")
+    if labels.ndim != disp.shape[-1]:
+        raise ValueError(f"labels must have {disp.shape[-1]} spatial axes to match disp {disp.shape}, got {labels.shape}")
+    if num_labels is None:
+        return warp(labels.astype(disp.dtype), disp, order=0).astype(jnp.int32)
+    onehot = jax.nn.one_hot(labels, num_labels, dtype=disp.dtype)
+    return jnp.argmax(warp(onehot, disp), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------- fields
+def affine_to_disp(matrix, shape) -> jax.Array:
+    """Dense displacement ``(*shape, ndim)`` of a homogeneous matrix acting about the grid centre.
+
+    ``matrix`` is ``(ndim+1, ndim+1)`` (or ``(ndim, ndim+1)``) in voxel units and maps output (fixed) voxel
+    positions to moving positions about the centre ``c = (shape - 1) / 2``: ``y = A (x - c) + t + c``, so
+    ``warp(moving, affine_to_disp(M, shape))`` samples the moving image at ``y``. The identity gives zero.
+    """
+    ndim = len(shape)
+    matrix = _validate.floating(matrix, "matrix")
+    if matrix.shape not in ((ndim + 1, ndim + 1), (ndim, ndim + 1)):
+        raise ValueError(f"matrix must be ({ndim + 1}, {ndim + 1}) or ({ndim}, {ndim + 1}) for a {ndim}-D grid, got {matrix.shape}")
+    lead = (1,) * ndim
+    centre = ((np.asarray(shape, np.float64) - 1) / 2).reshape(lead + (ndim,))
+    x = identity_grid(shape, dtype=matrix.dtype) - centre.astype(matrix.dtype)
+    y = x @ matrix[:ndim, :ndim].T + matrix[:ndim, ndim].reshape(lead + (ndim,))
+    return y - x
+
+
+def compose(u, v, *, mode: str = "nearest") -> jax.Array:
+    """Field of "first ``v``, then ``u``": ``w(x) = v(x) + u(x + v(x))`` (all ``(*spatial, ndim)``, voxels).
+
+    With pulling warps, ``warp(image, compose(u, v)) ≈ warp(warp(image, u), v)``: the point map is
+    ``φ_w = φ_u ∘ φ_v`` with ``φ(x) = x + field(x)``. ``u`` is extrapolated with ``mode`` outside its grid.
+    """
+    u = _validate.field(u, "u")
+    v = _validate.field(v, "v")
+    _validate.same_shape(u, v, "u", "v")
+    return v + warp(u, v, mode=mode)
+
+
+def integrate_velocity(velocity, *, steps: int = 7) -> jax.Array:
+    """Exponentiate a stationary velocity field by scaling and squaring: ``u = exp(v)``, ``(*spatial, ndim)``.
+
+    ``v / 2**steps`` is composed with itself ``steps`` times. For smooth ``v`` the result is diffeomorphic
+    (positive Jacobian). ``steps=0`` returns ``v``.
+    """
+    velocity = _validate.field(velocity, "velocity")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    disp = velocity / (2.0 ** steps)
+    for _ in range(steps):
+        disp = compose(disp, disp)
+    return disp
+
+
+def resize_disp(disp, shape) -> jax.Array:
+    """Resample a field ``(*S, ndim)`` to grid ``shape`` (same extent, centres aligned) and rescale its vectors.
+
+    Component ``d`` is multiplied by ``shape[d] / S[d]`` so that it stays in voxels of the new grid.
+    """
+    disp = _validate.field(disp, "disp")
+    shape = tuple(int(s) for s in shape)
+    ndim = disp.shape[-1]
+    if len(shape) != ndim:
+        raise ValueError(f"shape must have {ndim} entries for disp {disp.shape}, got {shape}")
+    if shape == disp.shape[:-1]:
+        return disp
+    scale = np.array([t / s for t, s in zip(shape, disp.shape[:-1])]).astype(disp.dtype).reshape((1,) * ndim + (ndim,))
+    return jax.image.resize(disp, (*shape, ndim), method="linear", antialias=False) * scale
+
+
+def jacobian_determinant(disp) -> jax.Array:
+    """Determinant of the Jacobian of ``x ↦ x + disp(x)``: ``(*spatial)``, same dtype.
+
+    Derivatives are central differences inside and one-sided at the borders (``jnp.gradient``). Values ``<= 0``
+    mark folding.
+    """
+    disp = _validate.field(disp, "disp")
+    ndim = disp.shape[-1]
+    grads = jnp.stack(jnp.gradient(disp, axis=tuple(range(ndim))), axis=-1)  # (*S, ndim(component), ndim(axis))
+    jac = grads + jnp.eye(ndim, dtype=disp.dtype).reshape((1,) * ndim + (ndim, ndim))
+    if ndim == 2:
+        return jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
+    return (
+        jac[..., 0, 0] * (jac[..., 1, 1] * jac[..., 2, 2] - jac[..., 1, 2] * jac[..., 2, 1])
+        - jac[..., 0, 1] * (jac[..., 1, 0] * jac[..., 2, 2] - jac[..., 1, 2] * jac[..., 2, 0])
+        + jac[..., 0, 2] * (jac[..., 1, 0] * jac[..., 2, 1] - jac[..., 1, 1] * jac[..., 2, 0])
+    )
+
+
+# ----------------------------------------------------------------------------------------- smoothing and pyramids
+def gaussian_kernel(sigma: float, *, truncate: float = 4.0, dtype=np.float32) -> np.ndarray:
+    """Normalised 1-D Gaussian taps, radius ``int(truncate * sigma + 0.5)`` (SciPy's choice)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (k / k.sum()).astype(dtype)
+
+
+def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 4.0) -> jax.Array:
+    """Separable Gaussian filter of ``image`` over its first ``ndim`` axes (default: all), sigma in voxels.
+
+    ``sigma`` is a float or one per spatial axis (0 skips an axis). Borders are reflected (SciPy's
+    ``mode="reflect"``), so this equals ``scipy.ndimage.gaussian_filter`` on the spatial axes.
+    """
+    image = _validate.floating(image, "image")
+    ndim = image.ndim if ndim is None else ndim
+    sigmas = (sigma,) * ndim if np.isscalar(sigma) else tuple(sigma)
+    if len(sigmas) != ndim:
+        raise ValueError(f"sigma must be a scalar or have {ndim} entries, got {sigma}")
+    out = image
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        taps = gaussian_kernel(s, truncate=truncate)
+        r = len(taps) // 2
+        n = out.shape[axis]
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (r, r)
+        if r >= n:  # reflect repeatedly for kernels wider than the axis
+            idx = np.arange(-r, n + r)
+            period = 2 * n
+            idx = np.mod(idx, period)
+            idx = np.where(idx >= n, period - 1 - idx, idx)
+            padded = jnp.take(out, jnp.asarray(idx), axis=axis)
+        else:
+            padded = jnp.pad(out, pad, mode="symmetric")
+        acc = jnp.zeros_like(out)
+        for k, w in enumerate(taps):
+            acc = acc + w * jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+        out = acc
+    return out
+
+
+def level_shape(shape, factor: int):
+    """Grid shape at downsampling ``factor``: ``ceil(S / factor)`` per axis (at least 1)."""
+    return tuple(max(1, math.ceil(s / factor)) for s in shape)
+
+
+def downsample(image, factor: int, *, ndim: int | None = None) -> jax.Array:
+    """Smooth (sigma = factor/2 voxels) and resample ``image`` to ``level_shape(S, factor)`` (centres aligned)."""
+    image = _validate.floating(image, "image")
+    ndim = image.ndim if ndim is None else ndim
+    if factor == 1:
+        return image
+    smoothed = gaussian_smooth(image, factor / 2.0, ndim=ndim)
+    shape = level_shape(image.shape[:ndim], factor) + image.shape[ndim:]
+    return jax.image.resize(smoothed, shape, method="linear", antialias=False)
+
+
+def pyramid(image, factors=(4, 2, 1), *, ndim: int | None = None) -> list[jax.Array]:
+    """Images downsampled by each factor (coarse to fine, as given); factor 1 is the image itself."""
+    return [downsample(image, f, ndim=ndim) for f in factors]

@@ -49,7 +49,7 @@ def _split(coords):
 
 
 def _corner_value(flat, shape, lo, offset, mode, cval):
-    """Values ``(*out)`` of one interpolation corner (``lo + offset``) of the flattened image ``flat``."""
+    """Values ``(*out, C)`` of one interpolation corner (``lo + offset``) of the image flattened to ``(N, C)``."""
     index, valid = 0, None
     for k, (size, o) in enumerate(zip(shape, offset)):
         i = lo[k] + o
@@ -59,24 +59,28 @@ def _corner_value(flat, shape, lo, offset, mode, cval):
         index = index + jnp.clip(i, 0, size - 1) * int(np.prod(shape[k + 1:]))
     value = flat[index]
     if mode == "constant":
-        value = jnp.where(valid, value, jnp.asarray(cval, flat.dtype))
+        value = jnp.where(valid[..., None], value, jnp.asarray(cval, flat.dtype))
     return value
 
 
 def _linear_reference(image, coords, mode, cval):
-    """Linear interpolation written as 2**ndim gathers of a flat index (one per corner), weights inline."""
+    """Linear interpolation of ``image (*S, C)`` at ``coords (*out, ndim)`` → ``(*out, C)``.
+
+    Written as 2**ndim gathers of whole channel rows (one per corner) with the weights computed inline.
+    """
     lo, frac = _split(coords)
-    flat = image.reshape(-1)
+    spatial_shape = image.shape[:-1]
+    flat = image.reshape(-1, image.shape[-1])
     out = 0
     for offset in itertools.product((0, 1), repeat=len(lo)):
         weight = math.prod(f if o else 1 - f for f, o in zip(frac, offset))
-        out = out + weight * _corner_value(flat, image.shape, lo, offset, mode, cval)
+        out = out + weight[..., None] * _corner_value(flat, spatial_shape, lo, offset, mode, cval)
     return out
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _linear(image, coords, mode, cval):
-    """Linear interpolation of ``image (*S)`` at ``coords (*out, ndim)``; custom VJP (gathers only for coords)."""
+    """``_linear_reference`` with a custom VJP: the coordinate gradient reuses the forward's gathers."""
     return _linear_reference(image, coords, mode, cval)
 
 
@@ -85,14 +89,14 @@ def _linear_fwd(image, coords, mode, cval):
 
 
 def _linear_bwd(mode, cval, residuals, g):
-    """d out / d coords_k = sum over corners of value * d weight / d coord_k (the same gathers as the forward)."""
+    """d out / d coords_k = sum over corners and channels of g * value * d weight / d coord_k."""
     image, coords = residuals
     lo, frac = _split(coords)
-    flat = image.reshape(-1)
+    flat = image.reshape(-1, image.shape[-1])
     ndim = len(lo)
     grads = [0] * ndim
     for offset in itertools.product((0, 1), repeat=ndim):
-        value = g * _corner_value(flat, image.shape, lo, offset, mode, cval)
+        value = jnp.sum(g * _corner_value(flat, image.shape[:-1], lo, offset, mode, cval), axis=-1)
         factors = [f if o else 1 - f for f, o in zip(frac, offset)]
         for k in range(ndim):
             term = value * math.prod(factors[:k] + factors[k + 1:])
@@ -107,11 +111,12 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _sample(image, coords, order, mode, cval):
-    """Sample a single-channel image ``(*S)`` at voxel coordinates ``(*out, ndim)``."""
+    """Sample an image ``(*S, C)`` at voxel coordinates ``(*out, ndim)`` → ``(*out, C)``."""
     if order == 1:
         return _linear(image, coords, mode, cval)
-    coords = jax.lax.stop_gradient(coords)
-    return map_coordinates(image, list(jnp.moveaxis(coords, -1, 0)), order=0, mode=mode, cval=cval)
+    coords = list(jnp.moveaxis(jax.lax.stop_gradient(coords), -1, 0))
+    return jnp.stack([map_coordinates(image[..., c], coords, order=0, mode=mode, cval=cval)
+                      for c in range(image.shape[-1])], axis=-1)
 
 
 def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
@@ -135,8 +140,8 @@ def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float
     _validate.finite(coords, "coords")
     coords = coords.astype(image.dtype)
     if image.ndim == ndim:
-        return _sample(image, coords, order, mode, cval)
-    return jax.vmap(lambda im: _sample(im, coords, order, mode, cval), in_axes=-1, out_axes=-1)(image)
+        return _sample(image[..., None], coords, order, mode, cval)[..., 0]
+    return _sample(image, coords, order, mode, cval)
 
 
 def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:

@@ -121,32 +121,40 @@ def bspline_grid_shape(shape, spacing) -> tuple[int, ...]:
     return tuple(int(math.floor((s - 1) / sp)) + 4 for s, sp in zip(shape, spacing))
 
 
-def _bspline_matrix(size, n_ctrl, spacing, dtype):
-    """``(size, n_ctrl)`` cubic B-spline weights: voxel i ← control points (i / spacing + 1) - 1 .. + 2."""
-    t = np.arange(size) / spacing + 1.0
-    j = np.arange(n_ctrl)
-    r = np.abs(t[:, None] - j[None, :])
+def _bspline_matrix(size, grid_size, n_ctrl, spacing, dtype):
+    """``(size, n_ctrl)`` cubic B-spline weights at the ``size`` voxel centres of a grid spanning ``grid_size`` voxels.
+
+    Output voxel ``i`` sits at reference position ``p = (i + 0.5) * grid_size / size - 0.5`` (centres aligned) and
+    control point ``j`` at ``(j - 1) * spacing``.
+    """
+    p = (np.arange(size) + 0.5) * grid_size / size - 0.5
+    r = np.abs(p[:, None] / spacing + 1.0 - np.arange(n_ctrl)[None, :])
     w = np.where(r < 1, 2 / 3 - r**2 + r**3 / 2, np.where(r < 2, (2 - r) ** 3 / 6, 0.0))
     return jnp.asarray(w, dtype)
 
 
-def bspline_to_disp(control, shape, spacing):
+def bspline_to_disp(control, shape, spacing, *, grid_shape=None):
     """Dense displacement ``(*shape, ndim)`` of a cubic B-spline control grid ``(*bspline_grid_shape, ndim)``.
 
-    Coefficients are in voxels; the field is their tensor-product cubic B-spline interpolation, evaluated as one
-    small matrix product per axis (cheap and exactly differentiable).
+    The control grid is laid on the reference grid ``grid_shape`` (default ``shape``) with points every ``spacing``
+    voxels, coefficients in reference voxels. The field is evaluated on ``shape``, a grid of the same extent (e.g. a
+    pyramid level), and returned in that grid's voxels. One small matrix product per axis: cheap and exactly
+    differentiable.
     """
     control = _validate.field(control, "control")
     ndim = control.shape[-1]
+    shape = tuple(shape)
+    grid_shape = shape if grid_shape is None else tuple(grid_shape)
     spacing = (spacing,) * ndim if np.isscalar(spacing) else tuple(spacing)
-    expected = bspline_grid_shape(shape, spacing)
+    expected = bspline_grid_shape(grid_shape, spacing)
     if control.shape[:-1] != expected:
-        raise ValueError(f"control must have shape {expected + (ndim,)} for image {tuple(shape)} at spacing {spacing}, got {control.shape}")
+        raise ValueError(f"control must have shape {expected + (ndim,)} for image {grid_shape} at spacing {spacing}, got {control.shape}")
     out = control
     for axis in range(ndim):
-        b = _bspline_matrix(shape[axis], control.shape[axis], spacing[axis], control.dtype)
+        b = _bspline_matrix(shape[axis], grid_shape[axis], control.shape[axis], spacing[axis], control.dtype)
         out = jnp.moveaxis(jnp.tensordot(b, out, axes=([1], [axis])), 0, axis)
-    return out
+    scale = np.array([s / g for s, g in zip(shape, grid_shape)]).astype(out.dtype)
+    return out * scale.reshape((1,) * ndim + (ndim,))
 
 
 # -------------------------------------------------------------------------------------------------------- inverse

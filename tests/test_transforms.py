@@ -90,3 +90,11 @@ def test_world_matrix_maps_world_points():
     y_vox = m[:3, :3] @ (x - c) + m[:3, 3] + c
     xw = fixed_affine @ np.append(x, 1)
     np.testing.assert_allclose((world @ xw)[:3], (fixed_affine @ np.append(y_vox, 1))[:3], atol=1e-10)
+
+
+def test_bspline_on_a_coarser_level_matches_resized_field(rng):
+    shape, spacing = (32, 24), 4
+    control = jnp.asarray(rng.normal(size=transforms.bspline_grid_shape(shape, spacing) + (2,)))
+    fine = transforms.bspline_to_disp(control, shape, spacing)
+    coarse = transforms.bspline_to_disp(control, (16, 12), spacing, grid_shape=shape)
+    np.testing.assert_allclose(coarse, spatial.resize_disp(fine, (16, 12)), atol=0.05 * float(jnp.abs(fine).max()))

@@ -79,15 +79,20 @@ def _masked_similarity(cfg, fixed, warped, mask):
     return fn(fixed, warped, mask=mask, **dict(cfg.metric_options))
 
 
-def _field(cfg, params, shape):
-    """Deformable params → (field u in level voxels, the field that is regularised)."""
-    if cfg.model in ("disp", "svf"):
-        field = spatial.gaussian_smooth(params, cfg.sigma, ndim=len(shape)) if cfg.sigma > 0 else params
-        if cfg.model == "disp":
-            return field, field
+def _field(cfg, params, base):
+    """Deformable params → (displacement u in level voxels, the field that is regularised).
+
+    The dense field is ``base + smooth(params)`` ("disp", "svf": Gaussian-smoothed parameters) or
+    ``base + bspline(params)``; ``base`` carries the previous levels (or an initial field). For "svf" the dense
+    field is a velocity and ``u = exp(base + ...)``.
+    """
+    shape = base.shape[:-1]
+    if cfg.model == "bspline":
+        return base + transforms.bspline_to_disp(params, shape, cfg.spacing, grid_shape=cfg.grid_shape), None
+    field = base + (spatial.gaussian_smooth(params, cfg.sigma, ndim=len(shape)) if cfg.sigma > 0 else params)
+    if cfg.model == "svf":
         return spatial.integrate_velocity(field, steps=cfg.steps), field
-    u = transforms.bspline_to_disp(params, shape, cfg.spacing, grid_shape=cfg.grid_shape)
-    return u, u
+    return field, field
 
 
 def _compose_affine(matrix, u):
@@ -105,10 +110,10 @@ def _loss(params, cfg, data):
     if cfg.kind == "affine":
         disp = spatial.affine_to_disp(_level_matrix(cfg.model, params, data["scale"]), shape)
     else:
-        u, reg_field = _field(cfg, params, shape)
+        u, reg_field = _field(cfg, params, data["base"])
         disp = _compose_affine(matrix, u)
         if cfg.regularizer is not None and cfg.reg_weight > 0:
-            reg = cfg.reg_weight * losses.REGULARIZERS[cfg.regularizer](reg_field)
+            reg = cfg.reg_weight * losses.REGULARIZERS[cfg.regularizer](u if reg_field is None else reg_field)
     moving = jax.lax.stop_gradient(moving)
     warped = spatial.warp(moving, disp)
     mask = fixed_mask
@@ -140,6 +145,8 @@ def _level_matrix(model, params, scale):
 def _run_level(params, data, cfg: _Level):
     """Optimise ``params`` with ``cfg.optimizer`` until convergence; returns (params, loss history (max_iter,))."""
     opt = cfg.optimizer
+    if cfg.max_iter == 0:
+        return params, jnp.zeros((0,), jnp.float32)
     value_and_grad = jax.value_and_grad(_loss)
     history0 = jnp.full((cfg.max_iter,), jnp.nan, dtype=jnp.float32)
 
@@ -276,12 +283,12 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
         matrix = vmap(lambda p: _level_matrix(transform, p, full_scale))(params)
 
-    # ---- deformable stage
+    # ---- deformable stage: each level optimises a correction on top of ``base`` (the previous levels' field)
     velocity = bcast(jnp.zeros(shape + (ndim,), dtype))
-    u_full = bcast(jnp.zeros(shape + (ndim,), dtype)) if initial_disp is None else jnp.asarray(initial_disp, dtype)
+    base = bcast(jnp.zeros(shape + (ndim,), dtype)) if initial_disp is None else jnp.asarray(initial_disp, dtype)
+    u_full = base
     if deformable is not None:
         spacing = _per_level(bspline_spacing, ndim, "bspline_spacing")
-        params = None
         for factor, iters in zip(levels, iterations):
             t0 = time.perf_counter()
             lshape = spatial.level_shape(shape, factor)
@@ -289,31 +296,29 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             ratio = (d.reshape(ndim, 1) / d.reshape(1, ndim)).astype(np.float64)
             lmatrix = matrix.at[..., :ndim, :ndim].multiply(ratio.astype(dtype)).at[..., :ndim, ndim].multiply(d.astype(dtype))
             data = level_data(factor, lmatrix)
+            data["base"] = base = vmap(partial(spatial.resize_disp, shape=lshape))(base)
             if deformable == "bspline":
-                if params is None:
-                    params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
-            elif params is None:
-                params = vmap(partial(spatial.resize_disp, shape=lshape))(u_full)
+                params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
             else:
-                params = vmap(partial(spatial.resize_disp, shape=lshape))(params)
+                params = jnp.zeros_like(base)
             opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, learning_rate, iters)
             cfg = _Level("deformable", deformable, metric, tuple(sorted((metric_options or {}).items())), regularizer,
                          float(reg_weight), opt, iters, tol, window, spacing if deformable == "bspline" else None,
                          shape if deformable == "bspline" else None, steps, float(field_sigma))
             params, hist = run(params, data, cfg)
+            u, dense = vmap(lambda p, b: _field(cfg, p, b))(params, base)
+            base = u if dense is None else dense  # the dense displacement (disp, bspline) or velocity (svf)
             key = f"{deformable}@{factor}"
             history[key] = hist
             seconds[key] = time.perf_counter() - t0
             if callback:
                 callback(key, hist)
-        cfg_full = dataclasses.replace(cfg, grid_shape=shape if deformable == "bspline" else None)
-        if deformable == "bspline":
-            u_full = vmap(lambda p: _field(cfg_full, p, shape)[0])(params)
+        base = vmap(partial(spatial.resize_disp, shape=shape))(base)
+        if deformable == "svf":
+            velocity = base
+            u_full = vmap(partial(spatial.integrate_velocity, steps=steps))(base)
         else:
-            params = vmap(partial(spatial.resize_disp, shape=shape))(params)
-            u_full = vmap(lambda p: _field(cfg_full, p, shape)[0])(params)
-            if deformable == "svf":
-                velocity = params
+            u_full = base
     disp = vmap(_compose_affine)(matrix, u_full)
     warped = vmap(spatial.warp)(moving, disp)
     return Result(matrix, disp, warped, velocity, history, seconds)
@@ -322,7 +327,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
 _DEFAULTS = dict(
     fixed_mask=None, moving_mask=None, init="com", transform="affine", deformable="svf", metric="lncc",
     metric_options=None, affine_metric=None, affine_metric_options=None, levels=(4, 2, 1), iterations=(100, 80, 40),
-    affine_levels=(4, 2), affine_iterations=(100, 50), regularizer="diffusion", reg_weight=1.0, learning_rate=0.5,
+    affine_levels=(4, 2), affine_iterations=(100, 50), regularizer="diffusion", reg_weight=0.3, learning_rate=0.3,
     affine_learning_rate=0.02, optimizer="adam", tol=1e-4, window=10, bspline_spacing=4, steps=7, field_sigma=1.0,
     initial_disp=None, initial_matrix=None, callback=None,
 )
@@ -341,10 +346,10 @@ def register(fixed, moving, **options) -> Result:
       affine_metric, affine_metric_options: the same for the parametric stage [same as ``metric``].
       levels, iterations: pyramid factors of the deformable stage, coarse to fine, and max iterations per level
         [(4, 2, 1), (100, 80, 40)]; affine_levels, affine_iterations likewise [(4, 2), (100, 50)].
-      regularizer: key of ``losses.REGULARIZERS`` or None ["diffusion"]; reg_weight: its weight [1.0]. For "svf"
+      regularizer: key of ``losses.REGULARIZERS`` or None ["diffusion"]; reg_weight: its weight [0.3]. For "svf"
         the velocity is regularised, else the displacement.
       learning_rate, affine_learning_rate: Adam step sizes (voxels for fields; radians / (max(shape)/20) voxels for
-        parameters), cosine-decayed to 10 % within each level [0.5, 0.02].
+        parameters), cosine-decayed to 10 % within each level [0.3, 0.02].
       optimizer: "adam", "sgd", or any ``optax.GradientTransformation`` (used for every level) ["adam"].
       tol, window: stop a level when the loss improved by less than ``tol`` (relative) over ``window`` iterations
         [1e-4, 10]; ``tol=0`` runs every iteration.

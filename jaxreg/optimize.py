@@ -79,6 +79,27 @@ def _masked_similarity(cfg, fixed, warped, mask):
     return fn(fixed, warped, mask=mask, **dict(cfg.metric_options))
 
 
+def _blur_zero(x, taps):
+    """Separable filter of ``x (*S, C)`` with symmetric ``taps`` and zero padding (a self-adjoint linear map)."""
+    r = len(taps) // 2
+    for axis in range(x.ndim - 1):
+        n = x.shape[axis]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (r, r)
+        padded = jnp.pad(x, pad)
+        x = sum(w * jax.lax.slice_in_dim(padded, k, k + n, axis=axis) for k, w in enumerate(taps))
+    return x
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _smooth_params(x, taps):
+    """Gaussian smoothing of dense parameters; its VJP is the same filter (cheaper than autodiff of the pads)."""
+    return _blur_zero(x, taps)
+
+
+_smooth_params.defvjp(lambda x, taps: (_blur_zero(x, taps), None), lambda taps, _, g: (_blur_zero(g, taps),))
+
+
 def _field(cfg, params, base):
     """Deformable params → (displacement u in level voxels, the field that is regularised).
 
@@ -89,7 +110,8 @@ def _field(cfg, params, base):
     shape = base.shape[:-1]
     if cfg.model == "bspline":
         return base + transforms.bspline_to_disp(params, shape, cfg.spacing, grid_shape=cfg.grid_shape), None
-    field = base + (spatial.gaussian_smooth(params, cfg.sigma, ndim=len(shape)) if cfg.sigma > 0 else params)
+    taps = tuple(float(t) for t in spatial.gaussian_kernel(cfg.sigma, truncate=2.0)) if cfg.sigma > 0 else None
+    field = base + (_smooth_params(params, taps) if taps else params)
     if cfg.model == "svf":
         return spatial.integrate_velocity(field, steps=cfg.steps), field
     return field, field
@@ -325,12 +347,21 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
 
 
 _DEFAULTS = dict(
-    fixed_mask=None, moving_mask=None, init="com", transform="affine", deformable="svf", metric="lncc",
+    fixed_mask=None, moving_mask=None, init="com", transform="affine", deformable="disp", metric="lncc",
     metric_options=None, affine_metric=None, affine_metric_options=None, levels=(4, 2, 1), iterations=(100, 80, 40),
     affine_levels=(4, 2), affine_iterations=(100, 50), regularizer="diffusion", reg_weight=0.3, learning_rate=0.3,
     affine_learning_rate=0.02, optimizer="adam", tol=1e-4, window=10, bspline_spacing=4, steps=7, field_sigma=1.0,
     initial_disp=None, initial_matrix=None, callback=None,
 )
+
+
+#: Named option sets (used by the ``jaxreg`` command and the benchmarks); pass as ``register(f, m, **PRESETS[k])``.
+PRESETS = {
+    "default": dict(deformable="disp", metric="lncc", metric_options={"window": 5}),
+    "diffeo": dict(deformable="svf", metric="lncc", metric_options={"window": 5}),
+    "multimodal": dict(deformable="disp", metric="mi", affine_metric="mi"),
+    "affine": dict(deformable=None, metric="lncc", metric_options={"window": 5}),
+}
 
 
 def register(fixed, moving, **options) -> Result:
@@ -340,7 +371,7 @@ def register(fixed, moving, **options) -> Result:
       fixed_mask, moving_mask: ``(*spatial)`` weights; the similarity is computed where both are > 0 [None].
       init: ``"com"`` centre-of-mass translation before the parametric stage, or None ["com"].
       transform: "translation", "rigid", "similarity", "affine" or None ["affine"].
-      deformable: "disp", "svf" (diffeomorphic), "bspline" or None ["svf"].
+      deformable: "disp", "svf" (diffeomorphic), "bspline" or None ["disp"].
       metric: any key of ``losses.SIMILARITIES`` for the deformable stage ["lncc"]; metric_options: dict of its
         keyword options (e.g. ``{"window": 7}``, ``{"bins": 32}``).
       affine_metric, affine_metric_options: the same for the parametric stage [same as ``metric``].

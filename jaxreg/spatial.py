@@ -85,12 +85,15 @@ def _linear(image, coords, mode, cval):
 
 
 def _linear_fwd(image, coords, mode, cval):
-    return _linear_reference(image, coords, mode, cval), (image, coords)
+    # symbolic_zeros: ``image.perturbed`` is False when no gradient flows to the image (e.g. a constant moving
+    # image); the residual's tree structure then tells the backward pass to skip the image cotangent (a scatter).
+    out = _linear_reference(image.value, coords.value, mode, cval)
+    return out, (image.value, coords.value, () if image.perturbed else None)
 
 
 def _linear_bwd(mode, cval, residuals, g):
     """d out / d coords_k = sum over corners and channels of g * value * d weight / d coord_k."""
-    image, coords = residuals
+    image, coords, image_needed = residuals
     lo, frac = _split(coords)
     flat = image.reshape(-1, image.shape[-1])
     ndim = len(lo)
@@ -101,13 +104,16 @@ def _linear_bwd(mode, cval, residuals, g):
         for k in range(ndim):
             term = value * math.prod(factors[:k] + factors[k + 1:])
             grads[k] = grads[k] + term if offset[k] else grads[k] - term
-    # The image cotangent is a scatter (transpose of the gather); XLA drops it when the image is constant.
+    g_coords = jnp.stack(grads, axis=-1).astype(coords.dtype)
+    if image_needed is None:
+        return jnp.zeros_like(image), g_coords
+    # The image cotangent is the transpose of the gather: a scatter-add.
     _, image_vjp = jax.vjp(lambda im: _linear_reference(im, coords, mode, cval), image)
     (g_image,) = image_vjp(g)
-    return g_image, jnp.stack(grads, axis=-1).astype(coords.dtype)
+    return g_image, g_coords
 
 
-_linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 def _sample(image, coords, order, mode, cval):

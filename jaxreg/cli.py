@@ -1,0 +1,351 @@
+"""The ``jaxreg`` command: register NIfTI images, apply saved transforms, run the demo.
+
+    jaxreg register FIXED MOVING -o OUTDIR [options]   register MOVING onto FIXED, write results to OUTDIR
+    jaxreg apply OUTDIR IMAGE -o OUT [--labels]          warp another image (on any grid) with a saved result
+    jaxreg demo -o OUTDIR                                make a brain pair from the embedded data and register it
+
+Results lie on the fixed image's grid with its affine. OUTDIR receives ``warped.nii.gz``, ``displacement.nii.gz``
+(a NIfTI vector image: displacement in mm, RAS world axes, pull convention: the moving point for fixed point x is
+x + d(x); negate the first two components for ITK/ANTs' LPS), ``affine.json`` (4×4 world matrix mapping fixed world
+points to moving world points, the parametric stage only), ``report.json`` (options, times, Jacobian statistics,
+Dice when labels are given) and, with ``--moving-labels``, ``warped_labels.nii.gz``. Files are written to a staging
+folder and moved into OUTDIR only once everything succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PRESETS = ("default", "diffeo", "multimodal", "affine")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxreg", description="Differentiable image registration in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    r = sub.add_parser("register", help="register MOVING onto FIXED", formatter_class=fmt,
+                       description="Register MOVING onto FIXED (NIfTI, 2-D or 3-D) and write the results to OUTDIR.")
+    r.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
+    r.add_argument("moving", help="moving image; resampled into the fixed world grid first")
+    _register_options(r)
+
+    a = sub.add_parser("apply", help="apply a saved result to another image", formatter_class=fmt)
+    a.add_argument("transform_dir", help="an OUTDIR written by 'jaxreg register'")
+    a.add_argument("image", help="image in the moving image's world space (any grid)")
+    a.add_argument("-o", "--output", required=True, help="output NIfTI path")
+    a.add_argument("--labels", action="store_true", help="treat IMAGE as an integer label map (nearest neighbour)")
+
+    d = sub.add_parser("demo", help="register a brain pair made from the embedded data", formatter_class=fmt,
+                       description="Build a moving brain from the MNI152 template (nilearn's packaged copy; "
+                                   "synthetic shapes when nilearn is missing) by a random affine and deformation, "
+                                   "then register it back and report Dice.")
+    d.add_argument("-o", "--output", default="demo_out", help="output folder")
+    d.add_argument("--contrast", choices=("t1", "t2"), default="t1", help="moving contrast (t2: multimodal)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random transform")
+    d.add_argument("--synthetic", action="store_true", help="use the synthetic generator even if nilearn exists")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _register_options(r):
+    r.add_argument("-o", "--output", required=True, help="output folder")
+    r.add_argument("--preset", choices=PRESETS, default="default",
+                   help="option set: default (affine + dense lncc), diffeo (affine + SVF, no folding), "
+                        "multimodal (MI), affine (parametric only)")
+    r.add_argument("--transform", choices=("translation", "rigid", "similarity", "affine", "none"),
+                   help="parametric stage [preset: affine]")
+    r.add_argument("--deformable", choices=("disp", "svf", "bspline", "none"),
+                   help="deformable model [preset: disp; diffeo: svf]")
+    r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf "
+                                    "[preset: lncc; multimodal: mi]")
+    r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")
+    r.add_argument("--window", type=int, help="local NCC window (voxels) [5]")
+    r.add_argument("--bins", type=int, help="MI histogram bins [32]")
+    r.add_argument("--levels", type=int, nargs="+", help="deformable pyramid factors, coarse to fine [4 2 1]")
+    r.add_argument("--iterations", type=int, nargs="+", help="max iterations per deformable level [100 80 40]")
+    r.add_argument("--affine-levels", type=int, nargs="+", help="parametric pyramid factors [4 2]")
+    r.add_argument("--affine-iterations", type=int, nargs="+", help="max iterations per parametric level [100 50]")
+    r.add_argument("--regularizer", choices=("diffusion", "bending", "folding", "none"),
+                   help="regulariser of the deformable field [diffusion]")
+    r.add_argument("--reg-weight", type=float, help="regulariser weight [0.3]")
+    r.add_argument("--learning-rate", type=float, help="Adam step of the deformable stage, voxels [0.3]")
+    r.add_argument("--tol", type=float, help="relative loss change over 10 iterations that ends a level [1e-4]")
+    r.add_argument("--fixed-mask", help="fixed-image mask (NIfTI, > 0 inside)")
+    r.add_argument("--moving-mask", help="moving-image mask (NIfTI, > 0 inside)")
+    r.add_argument("--moving-labels", help="moving label map: warped with nearest neighbour")
+    r.add_argument("--fixed-labels", help="fixed label map: Dice per label is reported")
+    r.add_argument("--no-normalize", action="store_true", help="skip robust [0.5, 99.5] percentile scaling")
+    r.add_argument("--seed", type=int, default=0, help="seed (kept in the report; the engine is deterministic)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def preset_options(name: str) -> dict:
+    """Engine options of a named preset (see ``jaxreg.optimize.register``)."""
+    from jaxreg import optimize
+
+    return dict(optimize.PRESETS[name])
+
+
+def _options_from_args(args) -> dict:
+    opts = preset_options(args.preset)
+    none_or = lambda v: None if v == "none" else v  # noqa: E731
+    for name in ("transform", "deformable", "regularizer"):
+        value = getattr(args, name)
+        if value is not None:
+            opts[name] = none_or(value)
+    for name in ("metric", "affine_metric", "reg_weight", "learning_rate", "tol"):
+        value = getattr(args, name)
+        if value is not None:
+            opts[name] = value
+    for name in ("levels", "iterations", "affine_levels", "affine_iterations"):
+        value = getattr(args, name)
+        if value is not None:
+            opts[name] = tuple(value)
+    metric_options = dict(opts.get("metric_options") or {})
+    metric = opts.get("metric", "lncc")
+    if args.window is not None:
+        if metric != "lncc":
+            raise ValueError(f"--window applies to --metric lncc, not {metric!r}")
+        metric_options["window"] = args.window
+    if args.bins is not None:
+        if metric not in ("mi", "nmi"):
+            raise ValueError(f"--bins applies to --metric mi or nmi, not {metric!r}")
+        metric_options["bins"] = args.bins
+    if metric_options:
+        opts["metric_options"] = metric_options
+    if metric != "lncc" and "window" in metric_options:
+        metric_options.pop("window")
+        opts["metric_options"] = metric_options
+    return opts
+
+
+def _progress(quiet):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    def callback(name, history):
+        h = np.asarray(history)
+        h = h[~np.isnan(h)]
+        # each level is one compiled loop: the bar is drawn once it returns
+        with tqdm(total=len(h), initial=len(h), desc=f"{name:>14}", unit="it", file=sys.stderr) as bar:
+            if len(h):
+                bar.set_postfix(loss=f"{h[-1]:.4f}")
+    return callback
+
+
+def _stage_dir(output: str) -> str:
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".jaxreg-", dir=parent)
+
+
+def _commit(stage: str, output: str):
+    """Move every staged file into ``output`` (created if needed), then remove the staging folder."""
+    os.makedirs(output, exist_ok=True)
+    for name in sorted(os.listdir(stage)):
+        os.replace(os.path.join(stage, name), os.path.join(output, name))
+    os.rmdir(stage)
+
+
+def _load_mask(path, fixed, name):
+    from jaxreg.data import io, preprocess
+
+    vol = preprocess.resample_to(io.load(path), fixed.shape, fixed.affine, order=0)
+    mask = (np.asarray(vol.data) > 0).astype(np.float32)
+    if vol.data.shape != fixed.shape:
+        raise ValueError(f"{name} {path}: expected a single-channel image, got shape {vol.data.shape}")
+    if mask.sum() == 0:
+        raise ValueError(f"{name} {path} is empty on the fixed grid (no voxel > 0)")
+    return mask
+
+
+def run_register(fixed_path, moving_path, output, opts, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
+                 moving_mask=None, normalize=True, quiet=False, seed=0) -> dict:
+    """Load, resample, normalise, register and write results; returns the report dict."""
+    import jax
+
+    from jaxreg import metrics, optimize, spatial, transforms
+    from jaxreg.data import io, preprocess
+
+    t_start = time.perf_counter()
+    fixed = io.load(fixed_path)
+    moving = io.load(moving_path)
+    for path, vol in ((fixed_path, fixed), (moving_path, moving)):
+        if vol.has_channels:
+            raise ValueError(f"{path}: expected a single-channel image, got shape {vol.data.shape}")
+    if fixed.ndim != moving.ndim:
+        raise ValueError(f"{fixed_path} is {fixed.ndim}-D but {moving_path} is {moving.ndim}-D")
+    moving_on_fixed = preprocess.resample_to(moving, fixed.shape, fixed.affine, order=1)
+    f = np.asarray(fixed.data, np.float32)
+    m = np.asarray(moving_on_fixed.data, np.float32)
+    if normalize:
+        f, m = preprocess.normalize(f), preprocess.normalize(m)
+    if np.ptp(f) == 0 or np.ptp(m) == 0:
+        raise ValueError(f"{fixed_path if np.ptp(f) == 0 else moving_path}: image is constant on the fixed grid")
+    masks = {}
+    if fixed_mask:
+        masks["fixed_mask"] = _load_mask(fixed_mask, fixed, "--fixed-mask")
+    if moving_mask:
+        masks["moving_mask"] = _load_mask(moving_mask, fixed, "--moving-mask")
+    labels_m = labels_f = None
+    if moving_labels:
+        labels_m = preprocess.resample_to(io.load_labels(moving_labels), fixed.shape, fixed.affine, order=0)
+    if fixed_labels:
+        labels_f = io.load_labels(fixed_labels)
+        if labels_f.shape != fixed.shape:
+            raise ValueError(f"--fixed-labels {fixed_labels}: shape {labels_f.shape} differs from the fixed image {fixed.shape}")
+    t_loaded = time.perf_counter()
+
+    result = optimize.register(f, m, callback=_progress(quiet), **masks, **opts)
+    disp = jax.block_until_ready(result.disp)
+    t_registered = time.perf_counter()
+
+    jac = np.asarray(spatial.jacobian_determinant(disp))
+    report = {
+        "fixed": os.path.abspath(fixed_path), "moving": os.path.abspath(moving_path), "seed": seed,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+        "shape": list(fixed.shape), "spacing_mm": [float(s) for s in fixed.spacing],
+        "seconds": {"load": t_loaded - t_start, "register": t_registered - t_loaded,
+                    "per_level": {k: float(v) for k, v in result.seconds.items()}},
+        "final_loss": {k: float(np.asarray(h)[~np.isnan(np.asarray(h))][-1]) if np.any(~np.isnan(np.asarray(h))) else None
+                       for k, h in result.history.items()},
+        "iterations": {k: int(np.sum(~np.isnan(np.asarray(h)))) for k, h in result.history.items()},
+        "jacobian": {"folding_fraction": metrics.folding_fraction(jac), "sd_log_jacobian": metrics.sd_log_jacobian(jac),
+                     "min": float(jac.min()), "max": float(jac.max())},
+        "files": {},
+    }
+    stage = _stage_dir(output)
+    try:
+        io.save(os.path.join(stage, "warped.nii.gz"), np.asarray(spatial.warp(moving_on_fixed.data.astype(np.float32), disp)), fixed.affine)
+        io.save_displacement(os.path.join(stage, "displacement.nii.gz"), np.asarray(disp), fixed.affine)
+        world = transforms.matrix_about_centre_to_world(np.asarray(result.matrix), fixed.shape, io.as_affine4(fixed.affine, fixed.ndim), io.as_affine4(fixed.affine, fixed.ndim))
+        io.save_matrix(os.path.join(stage, "affine.json"), world)
+        report["files"] = {"warped": "warped.nii.gz", "displacement_mm_ras": "displacement.nii.gz", "affine_world": "affine.json"}
+        if labels_m is not None:
+            warped_labels = np.asarray(spatial.warp_labels(labels_m.data, disp))
+            io.save(os.path.join(stage, "warped_labels.nii.gz"), warped_labels.astype(np.int32), fixed.affine)
+            report["files"]["warped_labels"] = "warped_labels.nii.gz"
+            if labels_f is not None:
+                dice = metrics.dice(labels_f.data, warped_labels)
+                before = metrics.dice(labels_f.data, labels_m.data)
+                report["dice"] = {str(k): v for k, v in dice.items()}
+                report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
+                report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
+        report["seconds"]["total"] = time.perf_counter() - t_start
+        metrics.write_json(os.path.join(stage, "report.json"), report)
+        _commit(stage, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def run_apply(transform_dir, image_path, output, *, labels=False):
+    """Warp ``image_path`` with the displacement saved in ``transform_dir``; writes ``output`` atomically."""
+    from jaxreg import spatial
+    from jaxreg.data import io, preprocess
+
+    disp_path = os.path.join(transform_dir, "displacement.nii.gz")
+    if not os.path.exists(disp_path):
+        raise FileNotFoundError(f"{transform_dir}: no displacement.nii.gz (not an output folder of 'jaxreg register')")
+    field = io.load_displacement(disp_path)
+    shape, affine = field.shape, field.affine
+    if labels:
+        vol = preprocess.resample_to(io.load_labels(image_path), shape, affine, order=0)
+        out = np.asarray(spatial.warp_labels(vol.data.astype(np.int32), field.data.astype(np.float32))).astype(np.int32)
+    else:
+        vol = preprocess.resample_to(io.load(image_path), shape, affine, order=1)
+        if vol.has_channels:
+            raise ValueError(f"{image_path}: expected a single-channel image, got shape {vol.data.shape}")
+        out = np.asarray(spatial.warp(vol.data.astype(np.float32), field.data.astype(np.float32)))
+    io.save(output, out, affine)
+
+
+def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> dict:
+    """Write a moving/fixed pair (+ labels) to ``output/inputs`` and register it into ``output``."""
+    from jaxreg.data import io, synthetic as synth
+
+    use_mni = not synthetic
+    if use_mni:
+        try:
+            pair = synth.mni_pair(seed, resolution=2, contrast=contrast)
+            affine = pair["affine"]
+            source = f"MNI152 2009 template (nilearn), 2 mm, {contrast.upper()} moving"
+        except ImportError:
+            use_mni = False
+            print("jaxreg demo: nilearn not installed, using the synthetic generator (pip install 'jaxreg[data]')",
+                  file=sys.stderr)
+    if not use_mni:
+        pair = synth.synthetic_pair(seed, shape=(64, 64, 64), same_contrast=contrast == "t1")
+        affine = np.diag([2.0, 2.0, 2.0, 1.0])
+        source = "synthetic label maps, 64³ at 2 mm"
+    inputs = os.path.join(output, "inputs")
+    os.makedirs(inputs, exist_ok=True)
+    paths = {k: os.path.join(inputs, f"{k}.nii.gz") for k in ("fixed", "moving", "fixed_labels", "moving_labels")}
+    for k, path in paths.items():
+        io.save(path, pair[k], affine)
+    opts = preset_options("multimodal" if contrast == "t2" else "default")
+    report = run_register(paths["fixed"], paths["moving"], output, opts, moving_labels=paths["moving_labels"],
+                          fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed)
+    report["source"] = source
+    return report
+
+
+def _enable_compilation_cache():
+    """Persist compiled XLA programs across calls of the command (the entry point's choice, not the library's)."""
+    import jax
+
+    path = os.environ.get("JAXREG_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxreg", "xla"))
+    try:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except OSError:
+        pass  # a read-only home: run without the cache
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _enable_compilation_cache()
+        if args.command == "register":
+            opts = _options_from_args(args)
+            report = run_register(args.fixed, args.moving, args.output, opts, moving_labels=args.moving_labels,
+                                  fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
+                                  moving_mask=args.moving_mask, normalize=not args.no_normalize, quiet=args.quiet,
+                                  seed=args.seed)
+            _summary(report, args.output)
+        elif args.command == "apply":
+            run_apply(args.transform_dir, args.image, args.output, labels=args.labels)
+            print(f"wrote {args.output}")
+        else:
+            report = run_demo(args.output, contrast=args.contrast, seed=args.seed, synthetic=args.synthetic,
+                              quiet=args.quiet)
+            print(f"demo pair: {report['source']}; inputs in {os.path.join(args.output, 'inputs')}")
+            _summary(report, args.output)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        print(f"jaxreg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _summary(report, output):
+    secs = report["seconds"]
+    line = f"registered in {secs['register']:.1f} s (total {secs['total']:.1f} s)"
+    line += f"; folding voxels {100 * report['jacobian']['folding_fraction']:.3f} %"
+    if report.get("mean_dice") is not None:
+        line += f"; mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f}"
+    print(line)
+    print(f"wrote {', '.join(sorted(report['files'].values()))} and report.json to {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

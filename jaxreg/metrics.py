@@ -38,11 +38,12 @@ import csv
 import json
 import math
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from jaxreg.data.io import atomic_write
 
 __all__ = [
     "dice",
@@ -346,23 +347,12 @@ def to_markdown(table, *, digits: int = 4) -> str:
 
 # ----------------------------------------------------------------------------------------------- atomic files
 def _atomic_write(path, write) -> None:
-    """Call ``write(file)`` on a new temporary text file next to ``path``, then move it onto ``path``."""
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+    """Call ``write(file)`` on a temporary text file next to ``path``, then move it onto ``path``."""
+    def write_text(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(os.fspath(path), write_text)
 
 
 def write_csv(path, rows: Iterable[Mapping]) -> None:

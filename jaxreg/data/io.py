@@ -99,7 +99,7 @@ def _suffix(path: str) -> str:
     return ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
 
 
-def _atomic_write(path: str, write):
+def atomic_write(path: str, write):
     """Call ``write(tmp_path)`` on a temporary file next to ``path`` (same suffix), then move it into place."""
     folder, name = os.path.split(os.path.abspath(path))
     suffix = _suffix(name)
@@ -244,7 +244,7 @@ def save(path, volume_or_array, affine=None, *, vector: bool | None = None) -> N
     img.set_qform(vol.affine, code=1)
     if vol.has_channels and vol.data.shape[-1] == vol.ndim:
         img.header.set_intent("vector", (), name="displacement")
-    _atomic_write(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _linear(affine: np.ndarray, ndim: int) -> np.ndarray:
@@ -309,7 +309,7 @@ def save_matrix(path, matrix) -> None:
         with open(tmp, "w") as f:
             f.write(text + "\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_matrix(path) -> np.ndarray:

@@ -13,7 +13,7 @@ a Gaussian pyramid; each level is one compiled ``lax.while_loop`` of optax updat
 the loss improves by less than ``tol`` (relative) over ``window`` iterations. Compilation happens once per shape and
 static option set; the images are arguments, never captured constants.
 
-``register_batch`` runs the same program on a batch of same-shaped pairs through ``vmap``; ``demons`` is Thirion's
+``register_batch`` runs the same program on a batch of same-shaped pairs through ``vmap``; Thirion's
 Demons (and its diffeomorphic variant) as a baseline.
 """
 from __future__ import annotations

@@ -85,29 +85,33 @@ def _linear(image, coords, mode, cval):
 
 
 def _linear_fwd(image, coords, mode, cval):
-    # symbolic_zeros: ``image.perturbed`` is False when no gradient flows to the image (e.g. a constant moving
-    # image); the residual's tree structure then tells the backward pass to skip the image cotangent (a scatter).
-    out = _linear_reference(image.value, coords.value, mode, cval)
-    return out, (image.value, coords.value, () if image.perturbed else None)
+    """One pass over the corners gives the output and its derivative w.r.t. each coordinate (no second gather).
+
+    With ``symbolic_zeros``, ``image.perturbed`` is False when no gradient flows to the image (a constant moving
+    image); the backward pass then skips the image cotangent, which is a scatter.
+    """
+    image_value, coords_value = image.value, coords.value
+    lo, frac = _split(coords_value)
+    flat = image_value.reshape(-1, image_value.shape[-1])
+    ndim = len(lo)
+    out, grads = 0, [0] * ndim
+    for offset in itertools.product((0, 1), repeat=ndim):
+        value = _corner_value(flat, image_value.shape[:-1], lo, offset, mode, cval)  # (*out, C)
+        factors = [f if o else 1 - f for f, o in zip(frac, offset)]
+        out = out + math.prod(factors)[..., None] * value
+        for k in range(ndim):
+            term = math.prod(factors[:k] + factors[k + 1:])[..., None] * value
+            grads[k] = grads[k] + term if offset[k] else grads[k] - term
+    d_coords = jnp.stack(grads, axis=-1)  # (*out, C, ndim): d out / d coords
+    return out, (d_coords, image_value if image.perturbed else None, coords_value)
 
 
 def _linear_bwd(mode, cval, residuals, g):
-    """d out / d coords_k = sum over corners and channels of g * value * d weight / d coord_k."""
-    image, coords, image_needed = residuals
-    lo, frac = _split(coords)
-    flat = image.reshape(-1, image.shape[-1])
-    ndim = len(lo)
-    grads = [0] * ndim
-    for offset in itertools.product((0, 1), repeat=ndim):
-        value = jnp.sum(g * _corner_value(flat, image.shape[:-1], lo, offset, mode, cval), axis=-1)
-        factors = [f if o else 1 - f for f, o in zip(frac, offset)]
-        for k in range(ndim):
-            term = value * math.prod(factors[:k] + factors[k + 1:])
-            grads[k] = grads[k] + term if offset[k] else grads[k] - term
-    g_coords = jnp.stack(grads, axis=-1).astype(coords.dtype)
-    if image_needed is None:
-        return jnp.zeros_like(image), g_coords
-    # The image cotangent is the transpose of the gather: a scatter-add.
+    """Coordinates: ``sum_C g * d out / d coords``. Image: the transpose of the gather (a scatter-add)."""
+    d_coords, image, coords = residuals
+    g_coords = jnp.sum(g[..., None] * d_coords, axis=-2).astype(coords.dtype)
+    if image is None:
+        return None, g_coords
     _, image_vjp = jax.vjp(lambda im: _linear_reference(im, coords, mode, cval), image)
     (g_image,) = image_vjp(g)
     return g_image, g_coords

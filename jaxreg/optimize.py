@@ -200,14 +200,19 @@ _run_level_batch = jax.jit(jax.vmap(_run_level, in_axes=(0, 0, None)), static_ar
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def centre_of_mass_shift(fixed, moving):
-    """Translation (voxels) taking the fixed image's intensity centroid to the moving one's: ``(ndim,)``."""
-    def com(img):
+def centre_of_mass_shift(fixed, moving, fixed_mask=None, moving_mask=None):
+    """Translation (voxels) taking the fixed image's intensity centroid to the moving one's: ``(ndim,)``.
+
+    Intensities are taken above each image's minimum and weighted by the masks when given.
+    """
+    def com(img, mask):
         w = img - jnp.min(img)
+        if mask is not None:
+            w = w * mask
         grid = spatial.identity_grid(img.shape, dtype=img.dtype)
         total = jnp.maximum(jnp.sum(w), 1e-12)
         return jnp.sum(grid * w[..., None], axis=tuple(range(img.ndim))) / total
-    return com(moving) - com(fixed)
+    return com(moving, moving_mask) - com(fixed, fixed_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -284,7 +289,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         n = transforms.num_params(transform, ndim)
         params = bcast(jnp.zeros(n, dtype))
         if init == "com":
-            shift = vmap(centre_of_mass_shift)(fixed, moving)
+            shift = vmap(centre_of_mass_shift)(fixed, moving, masks["fixed_mask"], masks["moving_mask"])
             params = params.at[..., _translation_slice(transform, ndim)].set(shift / trans_unit)
         opt_name = optimizer
         for factor, iters in zip(affine_levels, affine_iterations):

@@ -8,13 +8,14 @@ moving image into the fixed grid first: ``jaxreg.data.preprocess.resample_to``).
 
 Stages (each optional): moments initialisation (centre of mass), a parametric stage (translation, rigid, similarity
 or affine) and a deformable stage (``"disp"`` dense displacement, ``"svf"`` stationary velocity field integrated by
-scaling and squaring — diffeomorphic —, or ``"bspline"`` free-form deformation). Each stage runs coarse to fine over
+scaling and squaring, ``"diffeo"`` greedy diffeomorphic updates by composition, or ``"bspline"`` free-form
+deformation). Each stage runs coarse to fine over
 a Gaussian pyramid; each level is one compiled ``lax.while_loop`` of optax updates that stops at ``max_iter`` or when
 the loss improves by less than ``tol`` (relative) over ``window`` iterations. Compilation happens once per shape and
 static option set; the images are arguments, never captured constants.
 
-``register_batch`` runs the same program on a batch of same-shaped pairs through ``vmap``; Thirion's
-Demons (and its diffeomorphic variant) as a baseline.
+``register_batch`` runs the same program on a batch of same-shaped pairs through ``vmap``. Thirion's Demons (and its
+diffeomorphic variant), the classic baseline, lives in ``jaxreg.demons``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import optax
 
 from jaxreg import _validate, losses, spatial, transforms
 
-DEFORMABLE = ("disp", "svf", "bspline")
+DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
 
 
 class Result(NamedTuple):
@@ -100,6 +101,10 @@ def _smooth_params(x, taps):
 _smooth_params.defvjp(lambda x, taps: (_blur_zero(x, taps), None), lambda taps, _, g: (_blur_zero(g, taps),))
 
 
+def _taps(sigma):
+    return tuple(float(t) for t in spatial.gaussian_kernel(sigma, truncate=2.0))
+
+
 def _field(cfg, params, base):
     """Deformable params → (displacement u in level voxels, the field that is regularised).
 
@@ -108,10 +113,11 @@ def _field(cfg, params, base):
     field is a velocity and ``u = exp(base + ...)``.
     """
     shape = base.shape[:-1]
+    if cfg.model == "diffeo":  # params is the whole displacement, updated by composition (see _run_level)
+        return params, params
     if cfg.model == "bspline":
         return base + transforms.bspline_to_disp(params, shape, cfg.spacing, grid_shape=cfg.grid_shape), None
-    taps = tuple(float(t) for t in spatial.gaussian_kernel(cfg.sigma, truncate=2.0)) if cfg.sigma > 0 else None
-    field = base + (_smooth_params(params, taps) if taps else params)
+    field = base + (_smooth_params(params, _taps(cfg.sigma)) if cfg.sigma > 0 else params)
     if cfg.model == "svf":
         return spatial.integrate_velocity(field, steps=cfg.steps), field
     return field, field
@@ -180,7 +186,12 @@ def _run_level(params, data, cfg: _Level):
         i, params, opt_state, history, _ = state
         value, grad = value_and_grad(params, cfg, data)
         updates, opt_state = opt.update(grad, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        if cfg.model == "diffeo":
+            # greedy diffeomorphic step: u <- u o exp(smooth(update)); a composition of small diffeomorphisms
+            step = _smooth_params(updates, _taps(cfg.sigma)) if cfg.sigma > 0 else updates
+            params = spatial.compose(params, spatial.integrate_velocity(step, steps=4))
+        else:
+            params = optax.apply_updates(params, updates)
         history = history.at[i].set(value.astype(jnp.float32))
         # mean loss over the last window against the window before it
         w = cfg.window
@@ -327,7 +338,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             if deformable == "bspline":
                 params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
             else:
-                params = jnp.zeros_like(base)
+                params = base if deformable == "diffeo" else jnp.zeros_like(base)
             opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, learning_rate, iters)
             cfg = _Level("deformable", deformable, metric, tuple(sorted((metric_options or {}).items())), regularizer,
                          float(reg_weight), opt, iters, tol, window, spacing if deformable == "bspline" else None,
@@ -363,7 +374,7 @@ _DEFAULTS = dict(
 #: Named option sets (used by the ``jaxreg`` command and the benchmarks); pass as ``register(f, m, **PRESETS[k])``.
 PRESETS = {
     "default": dict(deformable="disp", metric="lncc", metric_options={"window": 5}),
-    "diffeo": dict(deformable="svf", metric="lncc", metric_options={"window": 5}),
+    "diffeo": dict(deformable="diffeo", metric="lncc", metric_options={"window": 5}),
     "multimodal": dict(deformable="disp", metric="mi", affine_metric="mi"),
     "affine": dict(deformable=None, metric="lncc", metric_options={"window": 5}),
 }
@@ -376,7 +387,10 @@ def register(fixed, moving, **options) -> Result:
       fixed_mask, moving_mask: ``(*spatial)`` weights; the similarity is computed where both are > 0 [None].
       init: ``"com"`` centre-of-mass translation before the parametric stage, or None ["com"].
       transform: "translation", "rigid", "similarity", "affine" or None ["affine"].
-      deformable: "disp", "svf" (diffeomorphic), "bspline" or None ["disp"].
+      deformable: "disp" (dense displacement), "svf" (stationary velocity, scaling and squaring, exact gradient
+        through the integration: diffeomorphic but slow on CPU), "diffeo" (greedy diffeomorphic: the displacement
+        is updated by composition with the exponential of each smoothed optax step, as in diffeomorphic Demons and
+        ANTs' greedy SyN: invertible and as cheap as "disp"), "bspline" or None ["disp"].
       metric: any key of ``losses.SIMILARITIES`` for the deformable stage ["lncc"]; metric_options: dict of its
         keyword options (e.g. ``{"window": 7}``, ``{"bins": 32}``).
       affine_metric, affine_metric_options: the same for the parametric stage [same as ``metric``].

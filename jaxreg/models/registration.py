@@ -78,12 +78,12 @@ class RegistrationNet(nn.Module):
 
 def build(*, ndim: int, preset: str | None = "vxm1", encoder=None, decoder=None, int_steps: int = 0,
           int_downsize: int = 1) -> RegistrationNet:
-    """A ``RegistrationNet`` from a preset name (``"vxm1"``, ``"vxm2"``) or explicit feature lists (which win)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
-    base = PRESETS[preset] if preset is not None else {}
-    enc = tuple(encoder) if encoder is not None else base.get("encoder")
-    dec = tuple(decoder) if decoder is not None else base.get("decoder")
-    if enc is None or dec is None:
-        raise ValueError("give a preset or both encoder and decoder feature lists")
+    """A ``RegistrationNet`` from a preset name (``"vxm1"``, ``"vxm2"``) or explicit, non-empty encoder and decoder
+    feature lists (which win over the preset)."""
+    if encoder and decoder:
+        enc, dec = tuple(int(f) for f in encoder), tuple(int(f) for f in decoder)
+    else:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} (or give encoder and decoder), got {preset!r}")
+        enc, dec = PRESETS[preset]["encoder"], PRESETS[preset]["decoder"]
     return RegistrationNet(ndim=ndim, encoder=enc, decoder=dec, int_steps=int_steps, int_downsize=int_downsize)

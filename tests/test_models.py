@@ -85,3 +85,19 @@ def test_bad_inputs_raise():
         models.build(ndim=2, preset="vxm9")
     with pytest.raises(ValueError, match="decoder"):
         jax.eval_shape(models.UNet(2, (4, 8), (8,)).init, jax.random.key(0), jax.ShapeDtypeStruct((32, 32, 2), jnp.float32))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_strided_conv_matches_xla_and_its_gradient(ndim, rng):
+    from jaxreg.models import unet
+
+    shape = (1,) + (8, 6, 4)[:ndim] + (3,)
+    x = jnp.asarray(rng.standard_normal(shape))
+    w = jnp.asarray(rng.standard_normal((3,) * ndim + (3, 5)))
+    np.testing.assert_allclose(unet.strided_conv(x, w), unet._conv_s2(x, w), rtol=1e-10)
+    np.testing.assert_allclose(unet._conv_s2_space_to_depth(x, w), unet._conv_s2(x, w), rtol=1e-10, atol=1e-12)
+    g = jnp.asarray(rng.standard_normal(unet._conv_s2(x, w).shape))
+    ours = jax.vjp(unet.strided_conv, x, w)[1](g)
+    ref = jax.vjp(unet._conv_s2, x, w)[1](g)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

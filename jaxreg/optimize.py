@@ -105,7 +105,7 @@ def _taps(sigma):
     return tuple(float(t) for t in spatial.gaussian_kernel(sigma, truncate=2.0))
 
 
-def _field(cfg, params, base):
+def _field(params, base, *, cfg):
     """Deformable params → (displacement u in level voxels, the field that is regularised).
 
     The dense field is ``base + smooth(params)`` ("disp", "svf": Gaussian-smoothed parameters) or
@@ -136,9 +136,9 @@ def _loss(params, cfg, data):
     shape = fixed.shape
     reg = 0.0
     if cfg.kind == "affine":
-        disp = spatial.affine_to_disp(_level_matrix(cfg.model, params, data["scale"]), shape)
+        disp = spatial.affine_to_disp(_level_matrix(params, data["scale"], model=cfg.model), shape)
     else:
-        u, reg_field = _field(cfg, params, data["base"])
+        u, reg_field = _field(params, data["base"], cfg=cfg)
         disp = _compose_affine(matrix, u)
         if cfg.regularizer is not None and cfg.reg_weight > 0:
             reg = cfg.reg_weight * losses.REGULARIZERS[cfg.regularizer](u if reg_field is None else reg_field)
@@ -157,7 +157,7 @@ def _translation_slice(model, ndim):
     return slice(start[model], start[model] + ndim)
 
 
-def _level_matrix(model, params, scale):
+def _level_matrix(params, scale, *, model):
     """Matrix of the parametric model at a pyramid level: ``D M D⁻¹`` with ``D = diag(level / full size)``.
 
     ``scale`` is ``(*D, unit)``: translations are optimised in units of ``unit`` full-resolution voxels so that
@@ -208,6 +208,17 @@ def _run_level(params, data, cfg: _Level):
 
 _run_level_jit = jax.jit(_run_level, static_argnames="cfg")
 _run_level_batch = jax.jit(jax.vmap(_run_level, in_axes=(0, 0, None)), static_argnames="cfg")
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _call(fn, kwargs, batched, *args):
+    """``fn(*args, **dict(kwargs))`` compiled (vmapped over axis 0 when ``batched``): the glue between levels.
+
+    Run eagerly, these would dispatch (and compile) every primitive on its own; ``fn`` is a module-level function and
+    ``kwargs`` a tuple of items, so the compiled program is reused across calls.
+    """
+    f = partial(fn, **dict(kwargs))
+    return (jax.vmap(f) if batched else f)(*args)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -280,14 +291,13 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         raise ValueError(f"regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got {regularizer!r}")
     iterations = _per_level(iterations, len(levels), "iterations")
     affine_iterations = _per_level(affine_iterations, len(affine_levels), "affine_iterations")
-    vmap = jax.vmap if batched else (lambda f, **_: f)
     run = _run_level_batch if batched else _run_level_jit
     dtype = fixed.dtype
     bcast = (lambda x: jnp.broadcast_to(x, fixed.shape[:lead] + x.shape)) if batched else (lambda x: x)
     history, seconds = {}, {}
 
     def level_data(factor, matrix):
-        ds = vmap(partial(spatial.downsample, factor=factor))
+        ds = partial(_call, spatial.downsample, (("factor", factor),), batched)
         data = {"fixed": ds(fixed), "moving": ds(moving), "matrix": matrix}
         for name in ("fixed_mask", "moving_mask"):
             data[name] = None if masks[name] is None else ds(masks[name])
@@ -300,7 +310,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         n = transforms.num_params(transform, ndim)
         params = bcast(jnp.zeros(n, dtype))
         if init == "com":
-            shift = vmap(centre_of_mass_shift)(fixed, moving, masks["fixed_mask"], masks["moving_mask"])
+            shift = _call(centre_of_mass_shift, (), batched, fixed, moving, masks["fixed_mask"], masks["moving_mask"])
             params = params.at[..., _translation_slice(transform, ndim)].set(shift / trans_unit)
         opt_name = optimizer
         for factor, iters in zip(affine_levels, affine_iterations):
@@ -319,7 +329,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             if callback:
                 callback(key, hist)
         full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
-        matrix = vmap(lambda p: _level_matrix(transform, p, full_scale))(params)
+        matrix = _call(_level_matrix, (("model", transform),), batched, params, bcast(full_scale))
 
     # ---- deformable stage: each level optimises a correction on top of ``base`` (the previous levels' field)
     velocity = bcast(jnp.zeros(shape + (ndim,), dtype))
@@ -334,7 +344,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             ratio = (d.reshape(ndim, 1) / d.reshape(1, ndim)).astype(np.float64)
             lmatrix = matrix.at[..., :ndim, :ndim].multiply(ratio.astype(dtype)).at[..., :ndim, ndim].multiply(d.astype(dtype))
             data = level_data(factor, lmatrix)
-            data["base"] = base = vmap(partial(spatial.resize_disp, shape=lshape))(base)
+            data["base"] = base = _call(spatial.resize_disp, (("shape", lshape),), batched, base)
             if deformable == "bspline":
                 params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
             else:
@@ -344,21 +354,21 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
                          float(reg_weight), opt, iters, tol, window, spacing if deformable == "bspline" else None,
                          shape if deformable == "bspline" else None, steps, float(field_sigma))
             params, hist = run(params, data, cfg)
-            u, dense = vmap(lambda p, b: _field(cfg, p, b))(params, base)
+            u, dense = _call(_field, (("cfg", cfg),), batched, params, base)
             base = u if dense is None else dense  # the dense displacement (disp, bspline) or velocity (svf)
             key = f"{deformable}@{factor}"
             history[key] = hist
             seconds[key] = time.perf_counter() - t0
             if callback:
                 callback(key, hist)
-        base = vmap(partial(spatial.resize_disp, shape=shape))(base)
+        base = _call(spatial.resize_disp, (("shape", shape),), batched, base)
         if deformable == "svf":
             velocity = base
-            u_full = vmap(partial(spatial.integrate_velocity, steps=steps))(base)
+            u_full = _call(spatial.integrate_velocity, (("steps", steps),), batched, base)
         else:
             u_full = base
-    disp = vmap(_compose_affine)(matrix, u_full)
-    warped = vmap(spatial.warp)(moving, disp)
+    disp = _call(_compose_affine, (), batched, matrix, u_full)
+    warped = _call(spatial.warp, (), batched, moving, disp)
     return Result(matrix, disp, warped, velocity, history, seconds)
 
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-PRESETS = ("default", "diffeo", "multimodal", "affine")
+PRESETS = ("default", "fast", "diffeo", "multimodal", "affine")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,12 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 def _register_options(r):
     r.add_argument("-o", "--output", required=True, help="output folder")
     r.add_argument("--preset", choices=PRESETS, default="default",
-                   help="option set: default (affine + dense lncc), diffeo (affine + SVF, no folding), "
+                   help="option set: default (affine + dense lncc), fast (the same with fewer iterations), "
+                        "diffeo (affine + greedy diffeomorphic, no folding), "
                         "multimodal (MI), affine (parametric only)")
     r.add_argument("--transform", choices=("translation", "rigid", "similarity", "affine", "none"),
                    help="parametric stage [preset: affine]")
-    r.add_argument("--deformable", choices=("disp", "svf", "bspline", "none"),
-                   help="deformable model [preset: disp; diffeo: svf]")
+    r.add_argument("--deformable", choices=("disp", "diffeo", "svf", "bspline", "none"),
+                   help="deformable model [preset: disp; diffeo: diffeo]")
     r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf "
                                     "[preset: lncc; multimodal: mi]")
     r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")

@@ -13,7 +13,9 @@ method of ``config.eval.methods``:
 Measures: Dice per label (labels 1..K-1) and their mean, HD95 and ASSD (mm, mean over labels), % folding voxels
 (``det J <= 0``), SD of log |J|, seconds per pair (after one untimed warm-up pair, so compilation is excluded).
 Writes ``DIR/eval/results.csv`` (one row per pair and method), ``results.json`` (rows and mean ± std per method)
-and ``results.md`` (the summary table); prints the table.
+and ``results.md`` (the summary table); prints the table. With matplotlib installed, ``DIR/eval/figures/`` gets,
+for the first ``eval.figures`` pairs and each method, one PNG: fixed/moving/warped, a checkerboard of fixed and
+warped, the deformation grid and the Jacobian determinant (the middle slice of the last axis in 3-D).
 """
 from __future__ import annotations
 
@@ -81,6 +83,47 @@ def _methods(config, model, params):
     return table
 
 
+def figure(path, fixed, moving, warped, disp, title):
+    """Save a 6-panel PNG (fixed, moving, warped, checkerboard, deformation grid, Jacobian determinant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxreg import spatial
+
+    jac = np.asarray(spatial.jacobian_determinant(disp))
+    disp = np.asarray(disp)
+    if disp.shape[-1] == 3:  # middle slice of the last axis; in-plane components
+        k = disp.shape[2] // 2
+        fixed, moving, warped, jac = (np.asarray(a)[:, :, k] for a in (fixed, moving, warped, jac))
+        disp = disp[:, :, k, :2]
+    fixed, moving, warped = (np.asarray(a) for a in (fixed, moving, warped))
+    tiles = (np.add.outer(np.arange(fixed.shape[0]) // 8, np.arange(fixed.shape[1]) // 8) % 2).astype(bool)
+    fig, ax = plt.subplots(1, 6, figsize=(18, 3.2))
+    for a, img, name in zip(ax, (fixed, moving, warped, np.where(tiles, fixed, warped)),
+                            ("fixed", "moving", "warped", "checkerboard")):
+        a.imshow(img.T, cmap="gray", origin="lower")
+        a.set_title(name)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in disp.shape[:2]], indexing="ij"), -1) + disp
+    step = max(1, disp.shape[0] // 32)
+    for i in range(0, disp.shape[0], step):
+        ax[4].plot(grid[i, :, 0], grid[i, :, 1], "k", lw=0.5)
+    for j in range(0, disp.shape[1], step):
+        ax[4].plot(grid[:, j, 0], grid[:, j, 1], "k", lw=0.5)
+    ax[4].set_aspect("equal")
+    ax[4].set_title("deformation grid")
+    im = ax[5].imshow(jac.T, cmap="RdBu", vmin=0, vmax=2, origin="lower")
+    ax[5].set_title("det J (≤ 0: folding)")
+    fig.colorbar(im, ax=ax[5], fraction=0.046)
+    for a in ax:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
 def run(config, workdir, *, num_pairs=None, methods=None, out=None) -> dict:
     """Evaluate and write the tables; returns ``{"rows": [...], "summary": {method: {key: {mean, std, n}}}}``."""
     import jax
@@ -106,6 +149,16 @@ def run(config, workdir, *, num_pairs=None, methods=None, out=None) -> dict:
     fns = _methods(config, model, params)
     labels = list(range(1, dataset.num_labels))
     rows = []
+    out = out or os.path.join(workdir, "eval")
+    try:
+        import matplotlib  # noqa: F401
+
+        n_figures = int(config.eval.get("figures", 3))
+    except ImportError:
+        n_figures = 0
+    fig_dir = os.path.join(out, "figures")
+    if n_figures:
+        os.makedirs(fig_dir, exist_ok=True)
     for i in range(-1, n):  # i = -1: warm-up (compilation), not recorded
         p = dataset.pair(max(i, 0))
         f, m = jnp.asarray(p["fixed"]), jnp.asarray(p["moving"])
@@ -120,8 +173,10 @@ def run(config, workdir, *, num_pairs=None, methods=None, out=None) -> dict:
             row = {"pair": i, "name": p.get("name", f"pair{i}"), "method": name, "seconds": seconds}
             row.update(measure(p["fixed_labels"], warped, disp, labels, spacing))
             rows.append(row)
+            if i < n_figures:
+                figure(os.path.join(fig_dir, f"pair{i:03d}_{name.replace('+', '_')}.png"), f, m,
+                       spatial.warp(m, disp), disp, f"{row['name']}: {name}, Dice {row['dice_mean']:.3f}")
     summary = {name: metrics.summarize([r for r in rows if r["method"] == name]) for name in methods}
-    out = out or os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     metrics.write_csv(os.path.join(out, "results.csv"), rows)
     metrics.write_json(os.path.join(out, "results.json"), {"rows": rows, "summary": summary,

@@ -60,5 +60,6 @@ def get_config():
     c.eval.classical_preset = "default"  # optimize.PRESETS key for the classical baseline
     c.eval.affine_preset = "affine"
     c.eval.methods = ("network", "network+io", "affine", "classical")
+    c.eval.figures = 3  # pairs with PNG figures in WORKDIR/eval/figures (needs matplotlib)
     c.eval.spacing = ()  # mm per axis; empty: the dataset's spacing, else 1 mm
     return c

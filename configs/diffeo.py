@@ -4,7 +4,8 @@
     python train.py --config configs/diffeo.py --workdir runs/diffeo
     python evaluate.py --config configs/diffeo.py --workdir runs/diffeo
 
-Expected: Dice close to the default (slightly lower), folding ≈ 0 %.
+Measured (2 CPU cores, 1500 steps only, ``--config.train.steps=1500``, 20 held-out pairs): network Dice
+0.915 ± 0.023 (affine only 0.857, classical engine 0.978), 0.000 % folding, SD log J 0.15, about 9 ms per pair.
 """
 import os
 import sys

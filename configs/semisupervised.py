@@ -4,7 +4,9 @@
     python train.py --config configs/semisupervised.py --workdir runs/semisupervised
     python evaluate.py --config configs/semisupervised.py --workdir runs/semisupervised
 
-Expected: higher Dice than the unsupervised default (labels guide the boundaries), similar folding.
+Measured (2 CPU cores, 1500 steps only, ``--config.train.steps=1500``, 20 held-out pairs): network Dice
+0.916 ± 0.024 (affine only 0.857, classical engine 0.978), 0.04 % folding, about 10 ms per pair. The full 4000
+steps were not run; whether the Dice term beats the unsupervised default (0.938 at 4000 steps) is not yet shown.
 """
 import os
 import sys

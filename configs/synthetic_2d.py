@@ -5,9 +5,9 @@ Run (2 CPU cores: about 10 minutes for 4000 steps, then about 1-2 minutes to eva
     python train.py --config configs/synthetic_2d.py --workdir runs/synthetic_2d
     python evaluate.py --config configs/synthetic_2d.py --workdir runs/synthetic_2d
 
-Expected (held-out synthetic pairs, mean Dice over labels 1-7; see README "Learning-based registration"): the
-network clearly above affine-only (about 0.85 vs 0.75), under 1 % folding, in milliseconds per pair; network +
-instance optimisation at or above the classical engine. Override any field on the command line, e.g.
+Measured (held-out synthetic pairs, mean Dice over labels 1-7; README "Learning-based registration"): network
+0.938 ± 0.015 against affine only 0.857 ± 0.028 and no registration 0.769, 0.03 % folding, about 13 ms per pair;
+network + instance optimisation 0.977, classical engine 0.978. Override any field on the command line, e.g.
 ``--config.train.steps=500``.
 """
 import ml_collections

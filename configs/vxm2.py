@@ -3,7 +3,8 @@
     python train.py --config configs/vxm2.py --workdir runs/vxm2
     python evaluate.py --config configs/vxm2.py --workdir runs/vxm2
 
-Expected: about the default's Dice (VoxelMorph-2 is slightly better in the paper), ~1.3× slower per step.
+Expected: about the default's Dice (VoxelMorph-2 is slightly better in the paper), somewhat slower per step.
+Not yet measured on this project's machines.
 """
 import os
 import sys

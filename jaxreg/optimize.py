@@ -289,6 +289,10 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             raise ValueError(f"{name} must be one of {sorted(losses.SIMILARITIES)}, got {m!r}")
     if regularizer is not None and regularizer not in losses.REGULARIZERS:
         raise ValueError(f"regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got {regularizer!r}")
+    if initial_disp is not None and jnp.shape(initial_disp) != fixed.shape + (ndim,):
+        raise ValueError(f"initial_disp must have shape {fixed.shape + (ndim,)}, got {jnp.shape(initial_disp)}")
+    if initial_matrix is not None and jnp.shape(initial_matrix) != fixed.shape[:lead] + (ndim + 1, ndim + 1):
+        raise ValueError(f"initial_matrix must have shape {fixed.shape[:lead] + (ndim + 1, ndim + 1)}, got {jnp.shape(initial_matrix)}")
     iterations = _per_level(iterations, len(levels), "iterations")
     affine_iterations = _per_level(affine_iterations, len(affine_levels), "affine_iterations")
     run = _run_level_batch if batched else _run_level_jit

@@ -123,6 +123,7 @@ def test_instance_optimisation_starts_from_the_given_field():
         ({"fixed_mask": np.zeros((16, 16))}, r"fixed_mask is empty"),
         ({"fixed_mask": np.ones((8, 16))}, r"fixed_mask must have the image shape"),
         ({"learning_rte": 0.1}, r"unknown option\(s\) \['learning_rte'\]"),
+        ({"initial_disp": np.zeros((16, 16, 3))}, r"initial_disp must have shape \(16, 16, 2\)"),
     ],
 )
 def test_bad_options_raise(options, message):

@@ -8,8 +8,8 @@ Needs nilearn (``pip install ".[data]"``): moving images are random affine + smo
 
 Checked end to end on 2 CPU cores with ``--config.train.steps=2`` (train, then evaluate one pair): a training step
 takes tens of seconds there and one 80×96×80 inference about 9 s (XLA:CPU 3-D convolutions), so the 3000 steps here
-are a GPU-sized run (many hours on 2 cores; not yet run on a GPU). Expected after training: mean Dice within a few hundredths of the classical
-engine at a small fraction of its time per pair (the issue's target); not yet measured (README "Status").
+are a GPU-sized run (many hours on 2 cores; not yet run on a GPU). Expected after training: mean Dice within a few
+hundredths of the classical engine at a small fraction of its time per pair (the issue's target); not yet measured.
 """
 import os
 import sys

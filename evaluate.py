@@ -71,8 +71,7 @@ def _methods(config, model, params):
     def network_io(f, m):
         disp = predict(params, m, f)["disp"]
         opts = {**classical, "transform": None, "init": None, "deformable": "disp", "levels": (1,),
-                "iterations": (int(e.instance_iterations),), "initial_disp": disp,
-                "window": min(int(classical.get("window", 10)), int(e.instance_iterations))}
+                "iterations": (int(e.instance_iterations),), "initial_disp": disp}
         return jax.block_until_ready(optimize.register(f, m, **opts).disp)
 
     def preset(name):

@@ -194,7 +194,7 @@ def _run_level(params, data, cfg: _Level):
             params = optax.apply_updates(params, updates)
         history = history.at[i].set(value.astype(jnp.float32))
         # mean loss over the last window against the window before it
-        w = cfg.window
+        w = max(1, min(cfg.window, cfg.max_iter // 2))  # windows fit in the history
         recent = jax.lax.dynamic_slice(jnp.nan_to_num(history), (jnp.maximum(i + 1 - w, 0),), (w,))
         before = jax.lax.dynamic_slice(jnp.nan_to_num(history), (jnp.maximum(i + 1 - 2 * w, 0),), (w,))
         improvement = (jnp.mean(before) - jnp.mean(recent)) / jnp.maximum(jnp.abs(jnp.mean(before)), 1e-12)

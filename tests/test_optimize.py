@@ -108,6 +108,7 @@ def test_instance_optimisation_starts_from_the_given_field():
     start = np.asarray(pair["disp"]) * 0.3  # e.g. a network's imperfect guess
     opts = dict(transform=None, deformable="disp", metric="lncc", levels=(1,), initial_disp=start)
     untouched = optimize.register(pair["fixed"], pair["moving"], iterations=(0,), **opts)
+    optimize.register(pair["fixed"], pair["moving"], iterations=(3,), **opts)  # fewer iterations than the window
     np.testing.assert_allclose(untouched.disp, start, atol=1e-6)  # zero iterations: the start itself
     refined = optimize.register(pair["fixed"], pair["moving"], iterations=(60,), reg_weight=0.1, learning_rate=0.1, **opts)
     assert _label_dice(pair, refined.disp) > _label_dice(pair, start) + 0.05

@@ -60,13 +60,13 @@ def _register_options(r):
     r.add_argument("--preset", choices=PRESETS, default="default",
                    help="option set: default (affine + dense lncc), fast (the same with fewer iterations), "
                         "diffeo (affine + greedy diffeomorphic, no folding), "
-                        "multimodal (MI), affine (parametric only)")
+                        "multimodal (MI affine, then NGF), affine (parametric only)")
     r.add_argument("--transform", choices=("translation", "rigid", "similarity", "affine", "none"),
                    help="parametric stage [preset: affine]")
     r.add_argument("--deformable", choices=("disp", "diffeo", "svf", "bspline", "none"),
                    help="deformable model [preset: disp; diffeo: diffeo]")
     r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf "
-                                    "[preset: lncc; multimodal: mi]")
+                                    "[preset: lncc; multimodal: ngf]")
     r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")
     r.add_argument("--window", type=int, help="local NCC window (voxels) [5]")
     r.add_argument("--bins", type=int, help="MI histogram bins [32]")

@@ -41,8 +41,9 @@ from jaxreg.data.synthetic import mni_pair  # noqa: E402
 
 LABELS = (1, 2, 3)
 
-# The presets. When jaxreg.optimize defines PRESETS, the names below that have a library counterpart
-# (_LIBRARY_NAMES) take the library's definition, and the library's other presets are added under their own names.
+# The presets. When jaxreg.optimize defines PRESETS, "fast-t1" and "diffeo-t1" take the library's
+# "default" and "diffeo" definitions (_LIBRARY_NAMES), and every other library preset is added under its own name
+# ("fast", "multimodal", ...). "fast-mm" keeps the definition (MI in both stages).
 _LOCAL_PRESETS = {
     "fast-t1": dict(deformable="disp", metric="lncc", metric_options={"window": 5}),
     "diffeo-t1": dict(deformable="svf", metric="lncc", metric_options={"window": 5}),
@@ -51,7 +52,7 @@ _LOCAL_PRESETS = {
     "fast-mm-mind": dict(deformable="disp", metric="mind", affine_metric="mi"),
     "fast-mm-ngf": dict(deformable="disp", metric="ngf", affine_metric="mi"),
 }
-_LIBRARY_NAMES = {"fast-t1": "default", "diffeo-t1": "diffeo", "fast-mm": "multimodal"}
+_LIBRARY_NAMES = {"fast-t1": "default", "diffeo-t1": "diffeo"}
 
 
 def _presets():
@@ -62,12 +63,17 @@ def _presets():
             out[ours] = dict(lib[theirs])
     out.update({k: dict(v) for k, v in lib.items() if k not in _LIBRARY_NAMES.values() and k not in out})
     return out, ("jaxreg.optimize.PRESETS (" + ", ".join(f"{a}={b}" for a, b in _LIBRARY_NAMES.items() if b in lib)
-                 + ") + local" if lib else "local")
+                 + ", other library presets under their own names) + local" if lib else "local")
 
 
 PRESETS, PRESETS_SOURCE = _presets()
 DIFFEOMORPHIC = ("svf", "diffeo")  # deformable models whose folding target is 0
-DEFAULT_PRESETS = {"t1": ("fast-t1", "diffeo-t1", "svf-t1"), "t2": ("fast-mm", "fast-mm-mind", "fast-mm-ngf")}
+_T1 = ("fast-t1", "fast", "diffeo-t1", "svf-t1")
+# the library's multimodal preset replaces the local NGF variant when it is the same option set
+_MM_NGF = "multimodal" if PRESETS.get("multimodal") == PRESETS["fast-mm-ngf"] else "fast-mm-ngf"
+_T2 = ("multimodal", _MM_NGF, "fast-mm", "fast-mm-mind")
+DEFAULT_PRESETS = {"t1": tuple(dict.fromkeys(k for k in _T1 if k in PRESETS)),
+                   "t2": tuple(dict.fromkeys(k for k in _T2 if k in PRESETS))}
 PEERS = ("ants", "elastix")
 
 

@@ -165,9 +165,14 @@ def _level_matrix(params, scale, *, model):
     """
     ndim = scale.shape[0] - 1
     m = transforms.to_matrix(model, params.at[_translation_slice(model, ndim)].multiply(scale[-1]))
-    d = scale[:ndim]
+    return _rescale_matrix(m, scale[:ndim])
+
+
+def _rescale_matrix(matrix, d):
+    """``D M D⁻¹`` for ``D = diag(d)``: a centre-relative voxel matrix moved to a grid ``d`` times the size."""
+    ndim = d.shape[0]
     ratio = d.reshape(ndim, 1) / d.reshape(1, ndim)
-    return m.at[:ndim, :ndim].multiply(ratio).at[:ndim, ndim].multiply(d)
+    return matrix.at[..., :ndim, :ndim].multiply(ratio).at[..., :ndim, ndim].multiply(d)
 
 
 def _run_level(params, data, cfg: _Level):
@@ -316,14 +321,13 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         if init == "com":
             shift = _call(centre_of_mass_shift, (), batched, fixed, moving, masks["fixed_mask"], masks["moving_mask"])
             params = params.at[..., _translation_slice(transform, ndim)].set(shift / trans_unit)
-        opt_name = optimizer
         for factor, iters in zip(affine_levels, affine_iterations):
             t0 = time.perf_counter()
             lshape = spatial.level_shape(shape, factor)
             scale = np.array([l / s for l, s in zip(lshape, shape)] + [trans_unit], np.float64).astype(dtype)
             data = level_data(factor, None)
             data["scale"] = bcast(jnp.asarray(scale))
-            opt = opt_name if isinstance(opt_name, optax.GradientTransformation) else _optimizer(opt_name, affine_learning_rate, iters)
+            opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, affine_learning_rate, iters)
             cfg = _Level("affine", transform, affine_metric or metric, tuple(sorted((affine_metric_options or metric_options or {}).items())),
                          None, 0.0, opt, iters, tol, window)
             params, hist = run(params, data, cfg)
@@ -344,10 +348,8 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
         for factor, iters in zip(levels, iterations):
             t0 = time.perf_counter()
             lshape = spatial.level_shape(shape, factor)
-            d = np.array([l / s for l, s in zip(lshape, shape)])
-            ratio = (d.reshape(ndim, 1) / d.reshape(1, ndim)).astype(np.float64)
-            lmatrix = matrix.at[..., :ndim, :ndim].multiply(ratio.astype(dtype)).at[..., :ndim, ndim].multiply(d.astype(dtype))
-            data = level_data(factor, lmatrix)
+            d = np.array([l / s for l, s in zip(lshape, shape)]).astype(dtype)
+            data = level_data(factor, _rescale_matrix(matrix, d))
             data["base"] = base = _call(spatial.resize_disp, (("shape", lshape),), batched, base)
             if deformable == "bspline":
                 params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))

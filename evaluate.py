@@ -1,5 +1,8 @@
 """Evaluate a trained network against baselines: ``python evaluate.py --config configs/NAME.py --workdir DIR``.
 
+Configs whose ``method`` names one of ``jaxreg.methods`` are handed to that method's ``evaluate`` (its own table);
+the rest of this docstring is about the registration network.
+
 For each held-out pair (``config.data`` with ``split="test"``: generated kinds use ``data.test_seed``), and each
 method of ``config.eval.methods``:
 
@@ -203,6 +206,12 @@ def markdown(summary) -> str:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    method = FLAGS.config.get("method", "registration")
+    if method != "registration":  # the other learned methods write their own tables (jaxreg.methods)
+        from jaxreg import methods as registry
+
+        print(registry.get(method).evaluate(FLAGS.config, FLAGS.workdir, out=FLAGS.out)["markdown"])
+        return
     methods = FLAGS.methods.split(",") if FLAGS.methods else None
     result = run(FLAGS.config, FLAGS.workdir, num_pairs=FLAGS.num_pairs, methods=methods, out=FLAGS.out)
     print(result["markdown"])

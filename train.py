@@ -2,7 +2,8 @@
 
 Any config field can be overridden, e.g. ``--config.train.steps=100``. Rerunning with the same ``--workdir``
 resumes from the latest checkpoint. Writes ``DIR/config.json``, ``DIR/checkpoints/`` and ``DIR/metrics.jsonl``.
-For several hosts, call ``jax.distributed.initialize()`` before training (``--distributed``).
+For several hosts, call ``jax.distributed.initialize()`` before training (``--distributed``). ``config.method``
+picks what is trained: the registration network (default) or one of ``jaxreg.methods``.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,7 +27,14 @@ def main(argv):
 
     if FLAGS.distributed:
         jax.distributed.initialize()
-    state = training.fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at, progress=FLAGS.progress)
+    method = FLAGS.config.get("method", "registration")
+    if method == "registration":
+        fit = training.fit
+    else:
+        from jaxreg import methods
+
+        fit = methods.get(method).fit
+    state = fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at, progress=FLAGS.progress)
     print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {FLAGS.workdir}")
 
 

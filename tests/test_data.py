@@ -358,3 +358,27 @@ def test_mni_pair_without_nilearn(monkeypatch):
     monkeypatch.setattr(synthetic.importlib.util, "find_spec", lambda name: None if name == "nilearn" else real(name))
     with pytest.raises(ImportError, match=r"pip install jaxreg\[data\]"):
         synthetic.mni_pair(0)
+
+
+def test_mni_slice_pair():
+    pytest.importorskip("nilearn", reason="mni_slice_pair needs nilearn (pip install jaxreg[data])")
+    import scipy.ndimage as ndi
+
+    p = synthetic.mni_slice_pair(0, contrast="t2")
+    np.testing.assert_array_equal(p["fixed"], synthetic.mni_slice_pair(0, contrast="t2")["fixed"])
+    assert p["fixed"].shape == p["moving"].shape == (80, 96) and p["disp"].shape == (80, 96, 2)
+    assert p["fixed"].dtype == p["moving"].dtype == p["disp"].dtype == np.float32
+    assert set(np.unique(p["fixed_labels"])) == {0, 1, 2, 3}
+    np.testing.assert_allclose(p["spacing"], [2.0, 2.0])
+    means = [p["moving"][p["moving_labels"] == k].mean() for k in (1, 2, 3)]
+    assert means[0] > means[1] > means[2]  # T2-like moving
+    t1 = synthetic.mni_slice_pair(0)
+    means = [t1["moving"][t1["moving_labels"] == k].mean() for k in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+    # the returned field is the answer: labels exactly, the image up to interpolation
+    coords = np.stack(np.meshgrid(np.arange(80), np.arange(96), indexing="ij")) + np.moveaxis(t1["disp"], -1, 0)
+    np.testing.assert_array_equal(ndi.map_coordinates(t1["moving_labels"], coords, order=0, mode="nearest"),
+                                  t1["fixed_labels"])
+    warped = ndi.map_coordinates(t1["moving"], coords, order=1)
+    assert np.abs(warped - t1["fixed"]).mean() < 0.02 < np.abs(t1["moving"] - t1["fixed"]).mean()
+    assert _dice(t1["fixed_labels"], t1["moving_labels"], (1, 2, 3)) < 0.8

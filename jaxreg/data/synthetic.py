@@ -6,6 +6,7 @@
 * :func:`mni_pair` — realistic brain pairs built from nilearn's packaged MNI152 2009 template (T1 and GM/WM
   probability maps), moved by a random affine + smooth deformation; T1 or T2-like moving contrast. Needs nilearn
   (``pip install jaxreg[data]``); the template is read from nilearn's package folder, offline.
+* :func:`mni_slice_pair` — 2-D pairs from axial MNI152 slices with a known displacement (T1 or T2-like moving).
 
 Randomness is NumPy's ``np.random.default_rng``; ``key`` may be an int seed, a ``np.random.Generator`` or a JAX
 PRNG key (its key data seed the generator). Same key, same output.
@@ -20,9 +21,9 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .io import Volume, load
-from .preprocess import _coords, downsample, normalize
+from .preprocess import _coords, crop_or_pad, downsample, normalize
 
-__all__ = ["synthetic_pair", "mni_pair", "smooth_random_field"]
+__all__ = ["synthetic_pair", "mni_pair", "mni_slice_pair", "smooth_random_field"]
 
 
 def _rng(key) -> np.random.Generator:
@@ -340,4 +341,90 @@ def mni_pair(
         moving_labels=moving_labels.astype(np.int32),
         affine=np.array(affine),
         spacing=np.linalg.norm(affine[:3, :3], axis=0),
+    )
+
+
+def mni_slice_pair(
+    key,
+    *,
+    resolution: int = 2,
+    shape=(80, 96),
+    contrast: str = "t1",
+    slice_mm: float = 10.0,
+    subject_scale: float = 2.0,
+    affine_scale: float = 1.0,
+    deform_scale: float = 3.0,
+    deform_spacing_mm: float = 16.0,
+    bias_scale: float | None = None,
+    noise_std: float | None = None,
+) -> dict:
+    """A 2-D brain pair with a known displacement, from an axial slice of the MNI152 2009 template.
+
+    An axial slice (uniformly within ``slice_mm`` of the brain's centroid) of the template at ``resolution`` mm,
+    centre-cropped/padded to ``shape``, becomes a "subject" by a smooth random deformation (largest vector
+    ``subject_scale`` voxels, control spacing ``deform_spacing_mm``): ``moving[x] = template_c(x + w(x))`` in
+    contrast ``c``. The fixed image is the same subject in T1, pulled through a random affine about the grid centre
+    (rotation up to 10°, scaling ±10 %, translation ±8 mm, all times ``affine_scale``) plus a smooth deformation
+    (largest vector ``deform_scale`` voxels): ``fixed[x] = moving_anatomy(x + disp(x))``. So ``disp`` is the exact
+    answer of registering moving to fixed, pull convention ``fixed[x] ≈ moving[x + disp(x)]``. ``contrast="t2"``
+    renders the moving image T2-like (CSF bright, GM mid, WM dark) with a bias field and noise as in
+    :func:`mni_pair` (defaults 0.2 and 0.03; none for T1). Images linear, labels nearest (SciPy); the fixed labels
+    are the moving labels pulled through ``disp`` (``fixed_labels[x] == moving_labels[round(x + disp(x))]``), so the
+    true field scores Dice 1.
+
+    Returns:
+      dict with ``fixed``, ``moving``: ``shape`` float32 in [0, 1]; ``fixed_labels``, ``moving_labels``: int32
+      (0 background, 1 CSF, 2 GM, 3 WM); ``disp``: ``(*shape, 2)`` float32 voxels; ``spacing``: ``(2,)`` mm;
+      ``slice``: the template's axial index used.
+
+    Raises:
+      ImportError: nilearn is not installed (``pip install jaxreg[data]``).
+    """
+    if resolution not in (1, 2):
+        raise ValueError(f"mni_slice_pair: resolution must be 1 or 2 (mm), got {resolution}")
+    if contrast not in ("t1", "t2"):
+        raise ValueError(f"mni_slice_pair: contrast must be 't1' or 't2', got {contrast!r}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or min(shape) < 8:
+        raise ValueError(f"mni_slice_pair: shape must be 2-D with sides >= 8, got {shape}")
+    tpl = _mni_template(_nilearn_data_dir(), int(resolution))
+    rng = _rng(key)
+    half = int(round(slice_mm / resolution))
+    z = int(round(np.argwhere(tpl["mask"])[:, 2].mean())) + int(rng.integers(-half, half + 1))
+    sl = {k: crop_or_pad(tpl[k][:, :, z], shape) for k in ("t1", "t2", "labels")}
+    spacing = np.linalg.norm(tpl["affine"][:3, :2], axis=0)
+
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    subject = np.moveaxis(_scaled_field(rng, shape, 2, deform_spacing_mm / resolution, subject_scale), -1, 0)
+    lin = _random_linear(rng, 2, 10.0 * affine_scale, 0.10 * affine_scale)
+    shift = rng.uniform(-8.0, 8.0, 2) / spacing * affine_scale
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    matrix = np.eye(3)
+    matrix[:2, :2] = lin
+    matrix[:2, 2] = centre - lin @ centre + shift
+    y = _coords(matrix, shape, shape) + np.moveaxis(
+        _scaled_field(rng, shape, 2, deform_spacing_mm / resolution, deform_scale), -1, 0)
+    disp = y - grid
+    # the subject's anatomy at y: template(y + w(y)), with w interpolated at y
+    w_at_y = np.stack([ndi.map_coordinates(c, y, order=1, mode="nearest") for c in subject])
+    fixed_coords, moving_coords = y + w_at_y, grid + subject
+
+    fixed = _warp(sl["t1"], fixed_coords, 1)
+    moving = _warp(sl[contrast], moving_coords, 1).astype(np.float64)
+    moving_labels = _warp(sl["labels"], moving_coords, 0)
+    fixed_labels = _warp(moving_labels, y, 0)  # exact: fixed_labels[x] == moving_labels[round(x + disp(x))]
+    bias_scale = (0.2 if contrast == "t2" else 0.0) if bias_scale is None else bias_scale
+    noise_std = (0.03 if contrast == "t2" else 0.0) if noise_std is None else noise_std
+    if bias_scale > 0:
+        moving = moving * np.exp(bias_scale * smooth_random_field(rng, shape, 1, spacing=64.0 / resolution)[..., 0])
+    if noise_std > 0:
+        moving = np.abs(moving + noise_std * rng.standard_normal(shape))
+    return dict(
+        fixed=normalize(fixed, mask=fixed_labels > 0).astype(np.float32),
+        moving=normalize(moving, mask=moving_labels > 0).astype(np.float32),
+        fixed_labels=fixed_labels.astype(np.int32),
+        moving_labels=moving_labels.astype(np.int32),
+        disp=np.moveaxis(disp, 0, -1).astype(np.float32),
+        spacing=spacing,
+        slice=z,
     )

@@ -69,21 +69,26 @@ def test_warp_gradients_match_finite_differences(rng, shape, mode):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_warp_gradients_equal_map_coordinates_autodiff(rng, shape):
-    """The custom VJP equals JAX's autodiff of the map_coordinates reference (away from grid points)."""
-    image = jnp.asarray(rng.random(shape))
-    target = jnp.asarray(rng.random(shape))
-    disp = jnp.asarray(_off_grid(rng, shape))
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+def test_warp_gradients_equal_map_coordinates_autodiff(rng, shape, mode):
+    """The custom VJP equals JAX's autodiff of the map_coordinates reference (away from grid points), also for
+    points far outside the image (the backward gathers from a padded copy), and per channel."""
+    image = jnp.asarray(rng.random(shape + (2,)))
+    target = jnp.asarray(rng.random(shape + (2,)))
+    disp = jnp.asarray(_off_grid(rng, shape)) * 4.0  # reaches well outside the image near the borders
 
     def ours(im, d):
-        return jnp.sum((spatial.warp(im, d) - target) ** 2)
+        return jnp.sum((spatial.warp(im, d, mode=mode, cval=0.3) - target) ** 2)
 
     def ref(im, d):
-        coords = spatial.identity_grid(shape, dtype=d.dtype) + d
-        return jnp.sum((map_coordinates(im, list(jnp.moveaxis(coords, -1, 0)), order=1) - target) ** 2)
+        coords = list(jnp.moveaxis(spatial.identity_grid(shape, dtype=d.dtype) + d, -1, 0))
+        out = jnp.stack([map_coordinates(im[..., c], coords, order=1, mode=mode, cval=0.3) for c in range(2)], -1)
+        return jnp.sum((out - target) ** 2)
 
-    for a, b in zip(jax.grad(ours, (0, 1))(image, disp), jax.grad(ref, (0, 1))(image, disp)):
+    for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(image, disp), jax.grad(ref, (0, 1))(image, disp)):
         np.testing.assert_allclose(a, b, atol=1e-10)
+    g = jax.jit(jax.grad(lambda d: ours(jax.lax.stop_gradient(image), d)))(disp)  # coordinates only
+    np.testing.assert_allclose(g, jax.grad(ref, 1)(image, disp), atol=1e-10)
 
 
 def test_warp_gradient_at_zero_displacement_lies_between_one_sided_differences(rng):

@@ -99,13 +99,15 @@ def _box_sum(x, sizes):
 
 
 def _box_count(shape, sizes, dtype):
-    """Number of in-image voxels in each box of ``sizes`` (``(*shape)``, a constant)."""
-    count = np.ones((), np.float64)
-    for n, k in zip(shape, sizes):
+    """Number of in-image voxels in each box of ``sizes``: ``(*shape)``, built as a broadcast product of small 1-D
+    count vectors (a full-size constant array makes XLA:CPU's fused reductions several times slower)."""
+    count = None
+    for axis, (n, k) in enumerate(zip(shape, sizes)):
         i = np.arange(n)
         c = np.minimum(i + k // 2, n - 1) - np.maximum(i - k // 2, 0) + 1
-        count = count[..., None] * c
-    return jnp.asarray(count, dtype)
+        c = jnp.asarray(c.reshape([n if a == axis else 1 for a in range(len(shape))]), dtype)
+        count = c if count is None else count * c  # exact: integers below 2**24
+    return jnp.broadcast_to(count, tuple(shape))
 
 
 # ---------------------------------------------------------------------------------------------- intensity terms
@@ -136,7 +138,7 @@ def local_ncc(fixed, warped, *, window=9, mask=None, eps: float = 1e-5):
     Per voxel, with sums over the ``window`` box (an odd int or one per axis) around it:
     ``cc = cross² / (var_f * var_w + eps)``, ``cross = Σfw - ΣfΣw/n``, ``var_f = Σf² - (Σf)²/n``; the loss is
     ``-mean(cc)`` (mask-weighted over voxels; windows still see unmasked neighbours). Box sums are separable
-    ``lax.reduce_window`` sums of the five moments stacked as channels, zero-padded at the borders. Unlike VoxelMorph,
+    ``lax.reduce_window`` sums of each of the five moments, zero-padded at the borders. Unlike VoxelMorph,
     ``n`` is the number of in-image voxels of each window (the full window size inside), so border windows are
     proper truncated windows and the loss is invariant to ``warped -> a * warped + b`` (a > 0) everywhere.
     Images are centred on their means first (exact, by that invariance) to limit float32 cancellation; variances
@@ -145,9 +147,12 @@ def local_ncc(fixed, warped, *, window=9, mask=None, eps: float = 1e-5):
     f, w, mask = _images(fixed, warped, mask)
     sizes = _odd_sizes(window, f.ndim, "window")
     f, w = f - jnp.mean(f), w - jnp.mean(w)
-    sums = _box_sum(jnp.stack([f, w, f * f, w * w, f * w], axis=-1), sizes)
+    # One box sum per moment, each on a plain (*spatial) array: with the moments stacked on a trailing channel axis,
+    # XLA:CPU's reduce-window passes ran several times slower (strided, not vectorised), and the backward of a stack
+    # also filters the two fixed-only moments, whose cotangents a gradient w.r.t. warped does not need. Measured in
+    # benchmarks/bench_losses.py (BENCHMARKS.md); results are unchanged.
+    sf, sw, sff, sww, sfw = (_box_sum(x, sizes) for x in (f, w, f * f, w * w, f * w))
     n = _box_count(f.shape, sizes, f.dtype)
-    sf, sw, sff, sww, sfw = (sums[..., i] for i in range(5))
     cross = sfw - sf * sw / n
     var_f = jnp.maximum(sff - sf * sf / n, 0)
     var_w = jnp.maximum(sww - sw * sw / n, 0)

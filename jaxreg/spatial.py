@@ -38,18 +38,18 @@ def identity_grid(shape, *, dtype=jnp.float32) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------------------- warping
 def _split(coords):
-    """Per-axis integer floor and fractional part of voxel coordinates ``(*out, ndim)``."""
+    """Per-axis integer floor and fractional part of voxel coordinates (a sequence of ``ndim`` arrays ``(*out)``)."""
     lo, frac = [], []
-    for k in range(coords.shape[-1]):
-        c = coords[..., k]
+    for c in coords:
         f = jnp.floor(c)
         lo.append(f.astype(jnp.int32))
         frac.append(c - f)
     return lo, frac
 
 
-def _corner_value(flat, shape, lo, offset, mode, cval):
-    """Values ``(*out, C)`` of one interpolation corner (``lo + offset``) of the image flattened to ``(N, C)``."""
+def _corner_index(shape, lo, offset, mode):
+    """Flat index ``(*out)`` of one interpolation corner (``lo + offset``, clipped to the grid) and, for
+    ``mode="constant"``, the mask of corners inside the grid (None for ``"nearest"``)."""
     index, valid = 0, None
     for k, (size, o) in enumerate(zip(shape, offset)):
         i = lo[k] + o
@@ -57,53 +57,65 @@ def _corner_value(flat, shape, lo, offset, mode, cval):
             inside = (i >= 0) & (i < size)
             valid = inside if valid is None else valid & inside
         index = index + jnp.clip(i, 0, size - 1) * int(np.prod(shape[k + 1:]))
-    value = flat[index]
-    if mode == "constant":
-        value = jnp.where(valid[..., None], value, jnp.asarray(cval, flat.dtype))
-    return value
+    return index, valid
 
 
 def _linear_reference(image, coords, mode, cval):
-    """Linear interpolation of ``image (*S, C)`` at ``coords (*out, ndim)`` → ``(*out, C)``.
+    """Linear interpolation of ``image (*S, C)`` at ``coords`` (``ndim`` arrays ``(*out)``) → ``(*out, C)``.
 
-    Written as 2**ndim gathers of whole channel rows (one per corner) with the weights computed inline.
+    Written as 2**ndim gathers (one per corner: a scalar for one channel, a channel row otherwise); corners outside
+    the grid (``"constant"``) get weight 0 and their weights go to ``cval``. Masking the weight (one value per
+    voxel) rather than the gathered rows, and gathering scalars for one channel, made the CPU forward 2-3x faster.
     """
     lo, frac = _split(coords)
-    spatial_shape = image.shape[:-1]
-    flat = image.reshape(-1, image.shape[-1])
-    out = 0
+    channels = image.shape[-1]
+    flat = image.reshape(-1) if channels == 1 else image.reshape(-1, channels)
+    out, outside = 0, 0
     for offset in itertools.product((0, 1), repeat=len(lo)):
+        index, valid = _corner_index(image.shape[:-1], lo, offset, mode)
         weight = math.prod(f if o else 1 - f for f, o in zip(frac, offset))
-        out = out + weight[..., None] * _corner_value(flat, spatial_shape, lo, offset, mode, cval)
+        if valid is not None:
+            if cval != 0:
+                outside = outside + jnp.where(valid, 0, weight)
+            weight = jnp.where(valid, weight, 0)
+        value = flat[index]
+        out = out + (weight * value if channels == 1 else weight[..., None] * value)
+    if channels == 1:
+        out = out[..., None]
+    if mode == "constant" and cval != 0:
+        out = out + jnp.asarray(cval, image.dtype) * outside[..., None]
     return out
 
 
 def _coords_vjp(image, coords, g, mode, cval):
-    """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)``, from gathers of a padded image.
+    """``d/d coords sum(g * _linear_reference(image, coords))`` → ``ndim`` arrays ``(*out)``, from gathers of a
+    padded image.
 
     The image is padded by one voxel (with ``cval``, or its edge for ``"nearest"``) so that clipping each corner
     index to the padded grid reproduces both modes without masks. Gathering from this other array also keeps XLA
     from merging these gathers with the forward's: each set then fuses into its one consumer instead of being
     written out as ``2**ndim`` full-size arrays (which made value-and-gradient 4-8x the forward on CPU).
     """
-    ndim = coords.shape[-1]
+    ndim = len(coords)
     pad = [(1, 1)] * ndim + [(0, 0)]
     padded = (jnp.pad(image, pad, mode="edge") if mode == "nearest"
               else jnp.pad(image, pad, constant_values=jnp.asarray(cval, image.dtype)))
     shape = padded.shape[:-1]
-    flat = padded.reshape(-1, image.shape[-1])
+    channels = image.shape[-1]
+    flat = padded.reshape(-1) if channels == 1 else padded.reshape(-1, channels)
+    g = g[..., 0] if channels == 1 else g
     lo, frac = _split(coords)
     grads = [0] * ndim
     for offset in itertools.product((0, 1), repeat=ndim):
         index = 0
         for k, (size, o) in enumerate(zip(shape, offset)):
             index = index + jnp.clip(lo[k] + (o + 1), 0, size - 1) * int(np.prod(shape[k + 1:]))
-        value = jnp.sum(flat[index] * g, axis=-1)  # (*out,)
+        value = flat[index] * g if channels == 1 else jnp.sum(flat[index] * g, axis=-1)  # (*out,)
         factors = [f if o else 1 - f for f, o in zip(frac, offset)]
         for k in range(ndim):
             term = math.prod(factors[:k] + factors[k + 1:]) * value
             grads[k] = grads[k] + term if offset[k] else grads[k] - term
-    return jnp.stack(grads, axis=-1)
+    return tuple(grads)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -119,14 +131,16 @@ def _linear_fwd(image, coords, mode, cval):
     With ``symbolic_zeros``, ``image.perturbed`` is False when no gradient flows to the image (a constant moving
     image); the backward pass then skips the image cotangent, which is a scatter. Likewise for the coordinates.
     """
-    out = _linear_reference(image.value, coords.value, mode, cval)
-    return out, (image.value, coords.value, image.perturbed, coords.perturbed)
+    values = tuple(c.value for c in coords)
+    out = _linear_reference(image.value, values, mode, cval)
+    return out, (image.value, values, image.perturbed, any(c.perturbed for c in coords))
 
 
 def _linear_bwd(mode, cval, residuals, g):
     """Coordinates: ``sum_C g * d out / d coords`` (gathers). Image: the transpose of the gather (a scatter-add)."""
     image, coords, image_perturbed, coords_perturbed = residuals
-    g_coords = _coords_vjp(image, coords, g, mode, cval).astype(coords.dtype) if coords_perturbed else None
+    g_coords = (tuple(d.astype(c.dtype) for d, c in zip(_coords_vjp(image, coords, g, mode, cval), coords))
+                if coords_perturbed else (None,) * len(coords))
     if not image_perturbed:
         return None, g_coords
     _, image_vjp = jax.vjp(lambda im: _linear_reference(im, coords, mode, cval), image)
@@ -138,12 +152,26 @@ _linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 def _sample(image, coords, order, mode, cval):
-    """Sample an image ``(*S, C)`` at voxel coordinates ``(*out, ndim)`` → ``(*out, C)``."""
+    """Sample ``image`` ``(*S)`` or ``(*S, C)`` at voxel coordinates given per axis (``ndim`` arrays ``(*out)``)."""
+    if image.ndim == len(coords):
+        return _sample(image[..., None], coords, order, mode, cval)[..., 0]
     if order == 1:
-        return _linear(image, coords, mode, cval)
-    coords = list(jnp.moveaxis(jax.lax.stop_gradient(coords), -1, 0))
+        return _linear(image, tuple(coords), mode, cval)
+    coords = [jax.lax.stop_gradient(c) for c in coords]
     return jnp.stack([map_coordinates(image[..., c], coords, order=0, mode=mode, cval=cval)
                       for c in range(image.shape[-1])], axis=-1)
+
+
+def _check_image(image, ndim, order, mode):
+    image = _validate.floating(image, "image")
+    if image.ndim not in (ndim, ndim + 1):
+        raise ValueError(f"image must have {ndim} spatial axes (and an optional channel axis), got {image.shape}")
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _validate.finite(image, "image")
+    return image
 
 
 def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
@@ -155,20 +183,10 @@ def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float
     coords = _validate.floating(coords, "coords")
     if coords.ndim < 2 or coords.shape[-1] not in (2, 3):
         raise ValueError(f"coords must have shape (*out, ndim) with ndim in {{2, 3}}, got {coords.shape}")
-    ndim = coords.shape[-1]
-    image = _validate.floating(image, "image")
-    if image.ndim not in (ndim, ndim + 1):
-        raise ValueError(f"image must have {ndim} spatial axes (and an optional channel axis), got {image.shape}")
-    if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _validate.finite(image, "image")
+    image = _check_image(image, coords.shape[-1], order, mode)
     _validate.finite(coords, "coords")
     coords = coords.astype(image.dtype)
-    if image.ndim == ndim:
-        return _sample(image[..., None], coords, order, mode, cval)[..., 0]
-    return _sample(image, coords, order, mode, cval)
+    return _sample(image, [coords[..., k] for k in range(coords.shape[-1])], order, mode, cval)
 
 
 def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
@@ -183,7 +201,13 @@ def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0
       ``(*out)`` or ``(*out, C)``, the image's dtype.
     """
     disp = _validate.field(disp, "disp")
-    return sample(image, identity_grid(disp.shape[:-1], dtype=disp.dtype) + disp, order=order, mode=mode, cval=cval)
+    image = _check_image(image, disp.shape[-1], order, mode)
+    _validate.finite(disp, "disp")
+    disp = disp.astype(image.dtype)
+    shape = disp.shape[:-1]
+    # per-axis coordinates x_k + u_k(x): no stacked identity grid to materialise
+    coords = [jax.lax.broadcasted_iota(image.dtype, shape, k) + disp[..., k] for k in range(len(shape))]
+    return _sample(image, coords, order, mode, cval)
 
 
 def warp_labels(labels, disp, *, num_labels: int | None = None) -> jax.Array:

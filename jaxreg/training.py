@@ -9,8 +9,10 @@ warped_onehot(moving_labels)[1:])`` with ``sim`` from ``losses.SIMILARITIES`` (l
 ``losses.REGULARIZERS``, applied to the network's velocity (the displacement itself when not diffeomorphic).
 Background (label 0) is left out of the Dice term.
 
-``make_train_step(model, tx, loss)`` returns a pure ``train_step(state, batch, key) -> (state, metrics)``,
-jit-compiled with ``state`` donated. A step whose loss or gradient is not finite leaves the state unchanged and
+``make_train_step(model, tx, loss, augment=None)`` returns a pure ``train_step(state, batch, key) -> (state,
+metrics)``, jit-compiled with ``state`` donated. With ``augment`` (a ``data.augment.AugmentConfig``) the step first
+replaces the batch by ``augment.augment_batch(key, batch, **augment.options())`` on the device, so the host loader is
+unchanged and a resumed run (same key per step) sees the same augmented batches. A step whose loss or gradient is not finite leaves the state unchanged and
 reports ``finite = False``; ``check_finite`` turns that into an error naming the step and the term.
 
 Data parallelism: ``make_mesh()`` builds a 1-D ``Mesh`` over every device (axis ``"data"``); ``replicate`` places
@@ -36,6 +38,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxreg import losses
+from jaxreg.data import augment as augment_lib
 from jaxreg.models.registration import FLOW_INIT_STD
 
 
@@ -137,18 +140,31 @@ def loss_terms(params, model, batch, loss: LossConfig):
     return terms["loss"], terms
 
 
-def make_train_step(model, tx, loss: LossConfig):
+def augment_step_batch(batch, key, augment: augment_lib.AugmentConfig | None, loss: LossConfig):
+    """The batch a train step computes its loss on: ``batch`` augmented with ``key`` (or as is when ``augment`` is
+    None). Label maps are dropped first when the loss does not use them (no Dice term), which skips their warps."""
+    if augment is None:
+        return batch
+    if loss.dice_weight <= 0:
+        batch = {k: v for k, v in batch.items() if k in ("moving", "fixed")}
+    return augment_lib.augment_batch(key, batch, **augment.options())
+
+
+def make_train_step(model, tx, loss: LossConfig, augment: augment_lib.AugmentConfig | None = None):
     """``train_step(state, batch, key) -> (state, metrics)``, jit-compiled, ``state`` donated.
 
     ``metrics``: the loss terms, ``grad_norm`` (global L2 norm) and ``finite`` (bool). A non-finite loss or
-    gradient leaves params and optimiser state as they were (so the last good state can be saved). ``key`` is
-    folded with the step and reserved for on-device augmentation (unused by the plain objective).
+    gradient leaves params and optimiser state as they were (so the last good state can be saved). ``key`` (the
+    loop folds the step number into it) drives the on-device augmentation when ``augment`` is given: the loss is
+    computed on ``augment_step_batch(batch, key, augment, loss)``; without ``augment`` it is unused.
     """
     if loss.dice_weight > 0 and loss.num_labels < 2:
         raise ValueError("semi-supervised training needs num_labels >= 2")
+    if augment is not None and not isinstance(augment, augment_lib.AugmentConfig):
+        raise TypeError(f"augment must be a jaxreg.data.augment.AugmentConfig or None, got {type(augment)}")
 
     def train_step(state: TrainState, batch, key):
-        del key
+        batch = augment_step_batch(batch, key, augment, loss)
         (value, terms), grads = jax.value_and_grad(loss_terms, has_aux=True)(state.params, model, batch, loss)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -251,16 +267,16 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     Writes ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (orbax) and ``workdir/metrics.jsonl`` (one row
     per ``train.log_every`` steps: loss terms, grad_norm, steps_per_s). The dataset is built and checked before
     anything is compiled. ``stop_at`` ends the run early after that step (saving a checkpoint), as a kill would.
-    Returns the final ``TrainState``.
+    ``config.data.augment`` (optional; ``jaxreg.data.augment.default_config()``) with ``enabled`` augments every
+    batch inside the jitted step with the step's key; with ``config.data.fixed_as_moving`` on a dataset whose fixed
+    image never changes, one batch is placed on the devices for the whole run (no loader). Returns the final
+    ``TrainState``.
     """
-    from jaxreg import models
     from jaxreg.data import datasets
 
     dataset = datasets.from_config(config.data, split="train")  # validates files before any compilation
-    model = models.build(ndim=len(dataset.shape), **config.model)
-    loss = loss_config(config, dataset)
+    model, tx, step_fn = step_for_config(config, dataset)
     t = config.train
-    tx, step_fn = _cached_step(model, t.optimizer, float(t.learning_rate), float(t.get("grad_clip") or 0.0), loss)
     mesh = make_mesh()
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -282,13 +298,19 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", leave=False)
-    loader = datasets.Loader(dataset, batch_size=t.batch_size, seed=config.seed, start=start, stop=last,
-                             prefetch=t.get("prefetch", 2))
+    if getattr(dataset, "constant", False):  # every batch is the same (FixedAsMoving): place it once
+        loader = None
+        device_batch = shard_batch(datasets.make_batch(dataset, 0, t.batch_size), mesh)
+        batches = ((step, device_batch) for step in range(start, last))
+    else:
+        loader = datasets.Loader(dataset, batch_size=t.batch_size, seed=config.seed, start=start, stop=last,
+                                 prefetch=t.get("prefetch", 2))
+        batches = ((step, shard_batch(batch, mesh)) for step, batch in loader)
     tick, since = time.perf_counter(), start
     try:
         with open(log_path, "a") as log:
-            for step, batch in loader:  # step counts from 0; the state after it has state.step == step + 1
-                state, metrics = step_fn(state, shard_batch(batch, mesh), jax.random.fold_in(step_key, step))
+            for step, batch in batches:  # step counts from 0; the state after it has state.step == step + 1
+                state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
                 check_finite(metrics, step + 1)
                 done = step + 1
                 if done % t.log_every == 0 or done == last:
@@ -303,7 +325,8 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
                     bar.update(1)
                 save_checkpoint(manager, state, force=done == last)
     finally:
-        loader.close()
+        if loader is not None:
+            loader.close()
         if bar is not None:
             bar.close()
         manager.close()
@@ -311,10 +334,39 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, loss: LossConfig):
+def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, loss: LossConfig,
+                 augment: augment_lib.AugmentConfig | None = None):
     """``(tx, train_step)`` shared by runs with equal settings, so their compiled steps are reused in-process."""
     tx = make_optimizer(optimizer, learning_rate, grad_clip=grad_clip or None)
-    return tx, make_train_step(model, tx, loss)
+    return tx, make_train_step(model, tx, loss, augment)
+
+
+def step_for_config(config, dataset):
+    """``(model, tx, train_step)`` of a config for ``dataset`` (its shape and number of labels), as ``fit`` uses.
+
+    Steps are cached per settings (model, optimiser, loss, augmentation), so calls with equal settings share one
+    compiled step in a process. Raises ``ValueError`` before anything is compiled when ``data.fixed_as_moving`` is
+    set without a spatial augmentation (every pair would be the identity).
+    """
+    from jaxreg import models
+
+    model = models.build(ndim=len(dataset.shape), **config.model)
+    loss = loss_config(config, dataset)
+    augment = augment_config(config, dataset)
+    if config.data.get("fixed_as_moving", False) and (augment is None or not augment.spatial):
+        raise ValueError("data.fixed_as_moving trains on moving = fixed: it needs data.augment.enabled with a "
+                         "non-zero spatial magnitude (rotation_deg, scaling, translation, shear or deform) to make "
+                         "the moving image")
+    t = config.train
+    tx, step_fn = _cached_step(model, t.optimizer, float(t.learning_rate), float(t.get("grad_clip") or 0.0), loss,
+                               augment)
+    return model, tx, step_fn
+
+
+def augment_config(config, dataset) -> augment_lib.AugmentConfig | None:
+    """The ``AugmentConfig`` of ``config.data.augment`` (None when absent or not enabled); ``num_labels`` from
+    the dataset (for one-hot label warping)."""
+    return augment_lib.from_config(config.data.get("augment"), num_labels=dataset.num_labels)
 
 
 def loss_config(config, dataset) -> LossConfig:

@@ -15,6 +15,8 @@ Kinds:
   image) or with explicit pairs. Images are intensity-normalised (``preprocess.normalize``) and cropped/padded to
   ``shape`` (``preprocess.crop_or_pad``). All files are read and checked when the dataset is built, so a missing
   file, a label map whose shape differs from its image or an empty folder fails before training starts.
+* ``FixedAsMoving``: any of the above with ``moving = fixed`` (``data.fixed_as_moving``), for training from one
+  image where on-device augmentation (``jaxreg.data.augment``) makes the moving image.
 
 ``Loader`` yields ``(step, batch)`` for steps ``start .. stop - 1``; batch ``step`` holds pairs
 ``step * batch_size + i``, so a resumed run sees exactly the batches an uninterrupted one would. A background thread
@@ -165,6 +167,41 @@ class VolumePairs:
         return out
 
 
+class FixedAsMoving:
+    """``base``'s pairs with the moving image (and labels) replaced by the fixed one: ``moving == fixed``.
+
+    For training from one image ("atlas from one image"): on-device augmentation (``data.augment``) then makes the
+    moving image, a random transform of the fixed one. ``constant`` is True when ``base``'s fixed image does not
+    depend on the index (``MNIPairs``; ``VolumePairs`` in atlas mode without explicit pairs): every pair is then
+    pair 0, built once and cached, and ``training.fit`` puts one batch on the devices for the whole run.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.shape, self.num_labels = base.shape, base.num_labels
+        self.constant = isinstance(base, MNIPairs) or (isinstance(base, VolumePairs) and base.pairs is None
+                                                       and base.mode == "atlas")
+        self._cached = None
+
+    def __len__(self):
+        return len(self.base)
+
+    def pair(self, index: int) -> dict:
+        if self.constant and self._cached is not None:
+            return dict(self._cached)
+        p = self.base.pair(0 if self.constant else index)
+        out = {k: v for k, v in p.items() if not k.startswith("moving")}
+        out["moving"] = p["fixed"]
+        if "fixed_labels" in p:
+            out["moving_labels"] = p["fixed_labels"]
+        if "name" in p:
+            fixed_name = p["name"].split("->")[-1]
+            out["name"] = f"{fixed_name}->{fixed_name}"
+        if self.constant:
+            self._cached = out
+        return dict(out)
+
+
 def _find_label(image_path: str, label_dir: str | None) -> str | None:
     base = os.path.basename(image_path)
     if label_dir is not None:
@@ -244,8 +281,17 @@ def from_config(cfg, *, split: str = "train"):
 
     ``cfg.kind``: ``"synthetic"`` (``shape``, ``num_labels``, ``synthetic`` options), ``"mni"`` (``shape``,
     ``resolution``), ``"folder"`` or ``"json"`` (``path``, optional ``test_path``, ``mode``, ``atlas``, ``shape``).
-    Generated kinds use ``seed`` for training and ``test_seed`` for testing.
+    Generated kinds use ``seed`` for training and ``test_seed`` for testing. ``cfg.fixed_as_moving`` (optional,
+    default False) wraps the training split in ``FixedAsMoving`` (moving = fixed; ``data.augment`` then makes the
+    moving image); the test split keeps the kind's usual pairs.
     """
+    dataset = _from_config(cfg, split=split)
+    if split == "train" and cfg.get("fixed_as_moving", False):
+        return FixedAsMoving(dataset)
+    return dataset
+
+
+def _from_config(cfg, *, split: str):
     kind = cfg.kind
     seed = int(cfg.seed if split == "train" else cfg.test_seed)
     shape = tuple(cfg.shape) if cfg.get("shape") is not None else None

@@ -65,8 +65,10 @@ def _register_options(r):
                    help="parametric stage [preset: affine]")
     r.add_argument("--deformable", choices=("disp", "diffeo", "svf", "bspline", "none"),
                    help="deformable model [preset: disp; diffeo: diffeo]")
-    r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf "
+    r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf, learned "
                                     "[preset: lncc; multimodal: ngf]")
+    r.add_argument("--metric-checkpoint", help="model folder of a trained learned metric (WORKDIR/k<K> of "
+                                               "configs/learned_metric.py), for --metric/--affine-metric learned")
     r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")
     r.add_argument("--window", type=int, help="local NCC window (voxels) [5]")
     r.add_argument("--bins", type=int, help="MI histogram bins [32]")
@@ -125,6 +127,15 @@ def _options_from_args(args) -> dict:
     if metric != "lncc" and "window" in metric_options:
         metric_options.pop("window")
         opts["metric_options"] = metric_options
+    affine_metric = opts.get("affine_metric") or metric
+    if args.metric_checkpoint is not None or "learned" in (metric, affine_metric):
+        if args.metric_checkpoint is None:
+            raise ValueError("--metric learned / --affine-metric learned needs --metric-checkpoint PATH")
+        if metric != "learned" or affine_metric != "learned":
+            # the engine passes metric_options to the parametric stage when its own options are empty
+            raise ValueError(f"--metric-checkpoint needs --metric learned for both stages (got --metric {metric}, "
+                             f"affine metric {affine_metric})")
+        opts["metric_options"] = {"checkpoint": args.metric_checkpoint}
     return opts
 
 

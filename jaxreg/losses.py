@@ -418,5 +418,8 @@ def folding(u):
 SIMILARITIES = {
     "mse": mse, "ssd": mse, "ncc": ncc, "lncc": local_ncc, "mi": mutual_information, "nmi": nmi,
     "mind": mind_loss, "ngf": ngf,
+    # learned CNN metric (Simonovsky et al. 2016), imported on first use; options: checkpoint=PATH, stride, form
+    "learned": lambda fixed, warped, **options: __import__(
+        "jaxreg.methods.learned_metric", fromlist=["metric"]).metric(fixed, warped, **options),
 }
 REGULARIZERS = {"diffusion": diffusion, "bending": bending_energy, "folding": folding}

@@ -1,0 +1,596 @@
+"""Learned similarity metric for multimodal registration (Simonovsky et al., MICCAI 2016).
+
+A patch CNN ``N`` (``jaxreg.models.similarity.PatchSimilarity``) learns whether a fixed-modality patch and a
+moving-modality patch show the same anatomy in alignment. Used as a metric it is evaluated densely on every patch of
+the fixed image and the warped moving image, ``M(F, M∘T) = mean_P N(F(P), (M∘T)(P))``, and minimised through the
+classical engine as ``metric="learned"`` (``jaxreg.losses.SIMILARITIES``; options ``checkpoint=PATH`` and optionally
+``stride``, ``form``, see :func:`metric`).
+
+Training (``fit``): from ``k`` *aligned* multimodal pairs (the data generators with their deformation switched
+off: one anatomy rendered in both contrasts), patches are drawn online inside the jitted step. A patch centre ``c``
+is drawn uniformly from the foreground (brain mask dilated by the patch radius, at least a patch radius from the
+border) of one of the ``k`` pairs, at one of the pyramid ``scales`` (images downsampled as the registration
+pyramid does, so one network serves every level). A random transform ``T`` (rotation up to
+``max_rotation_deg``, per-axis scaling ``1 ± max_scaling``, sub-voxel jitter) samples the fixed patch
+``F(c + T o)`` over the patch offsets ``o``. The positive moving patch uses the same transform, ``M(c + T o)``; the
+negative one a different transform, ``M(c + d + T' o)``: a shift ``d`` of length uniform in
+``[neg_min_shift, neg_max_shift]`` voxels in a random direction and a rotation differing by up to
+``neg_rotation_deg``. Every fixed patch thus comes with one positive and one negative. Loss: logistic,
+``mean softplus(-z+) + mean softplus(z-)`` (halved), or hinge, ``mean relu(1 - z+) + mean relu(1 + z-)`` (halved).
+
+Layout of a run (``fit(config, workdir)``): one model per ``k`` of ``config.train.ks`` in ``workdir/k{k}/`` with
+``model.json`` (architecture and training settings), ``checkpoints/`` (orbax, resumable) and ``metrics.jsonl``.
+``workdir/k{k}`` is the path to give as ``metric_options={"checkpoint": ...}``. All variants start from the same
+initial parameters and draw from the same random stream, so they differ only in the training pairs (the first
+``k`` of ``data.num_train_pairs``).
+
+``evaluate(config, workdir)`` registers held-out multimodal pairs (another seed) with the engine's affine +
+deformable pipeline using MI, MI restricted to brain masks, and the learned metric of every ``k``, and reports Dice
+and Jaccard (mean over labels 1..K-1) as mean ± std over pairs, like Table 1 of the paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg import spatial, training, transforms
+from jaxreg.models.similarity import FORMS, PatchSimilarity, dense_similarity
+
+MODEL_FILE = "model.json"
+LOSSES = ("logistic", "hinge")
+
+
+# -------------------------------------------------------------------------------------------------------- model
+def build_model(ndim: int, *, features=(16, 16, 16, 16), dilations=(1, 1, 2, 2), kernel: int = 3,
+                hidden=(32,)) -> PatchSimilarity:
+    """A ``PatchSimilarity`` with hashable (tuple) settings."""
+    return PatchSimilarity(ndim=int(ndim), features=tuple(int(f) for f in features),
+                           dilations=tuple(int(d) for d in dilations), kernel=int(kernel),
+                           hidden=tuple(int(h) for h in hidden))
+
+
+def _model_kwargs(config) -> dict:
+    m = config.model
+    return dict(features=tuple(m.features), dilations=tuple(m.dilations), kernel=int(m.kernel),
+                hidden=tuple(m.hidden))
+
+
+# --------------------------------------------------------------------------------------------------------- data
+def _rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def _render(rng, labels, means, *, blur: float, bias_scale: float, noise_std: float) -> np.ndarray:
+    """Label map → image with per-label ``means``, blur, multiplicative bias field, noise, scaled to [0, 1]."""
+    import scipy.ndimage as ndi
+
+    from jaxreg.data.preprocess import normalize
+    from jaxreg.data.synthetic import smooth_random_field
+
+    img = means[labels].astype(np.float64)
+    if blur > 0:
+        img = ndi.gaussian_filter(img, blur, mode="nearest")
+    if bias_scale > 0:
+        img = img * np.exp(bias_scale * smooth_random_field(rng, labels.shape, 1, spacing=max(labels.shape) / 2)[..., 0])
+    if noise_std > 0:
+        img = img + noise_std * rng.standard_normal(labels.shape)
+    return normalize(img, lower=0.0, upper=100.0)
+
+
+def make_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
+    """One multimodal pair of ``data.kind`` (host NumPy): ``fixed``, ``moving`` float32, labels int32, ``spacing``.
+
+    ``aligned=True`` switches the deformation off (affine and deformable scales 0): one anatomy in two contrasts,
+    a training pair. Kinds:
+
+    * ``"mni_slice"``: ``synthetic.mni_slice_pair`` (2-D axial MNI152 slice; fixed T1, moving ``data.contrast``).
+    * ``"synthetic"``: the label maps and field of ``synthetic.synthetic_pair`` (2-D or 3-D ``data.shape``),
+      rendered in two *fixed* modalities: label ``l`` has intensity ``A[l]`` in the fixed image and ``B[l]`` in the
+      moving one, with ``A, B`` drawn once from ``data.contrast_seed`` (a consistent modality pair, as T1/T2), plus
+      per-image blur 0.5, bias field (0.2) and noise (0.02).
+    """
+    from jaxreg.data import synthetic
+
+    rng = _rng(seed, index)
+    scale = 0.0 if aligned else 1.0
+    if data.kind == "mni_slice":
+        p = synthetic.mni_slice_pair(rng, shape=tuple(data.shape), contrast=data.contrast,
+                                     affine_scale=scale * float(data.affine_scale),
+                                     deform_scale=scale * float(data.deform_scale))
+        return {k: p[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels", "spacing")}
+    if data.kind == "synthetic":
+        n = int(data.num_labels)
+        p = synthetic.synthetic_pair(rng, shape=tuple(data.shape), num_labels=n,
+                                     affine_scale=scale * float(data.affine_scale),
+                                     deform_scale=scale * float(data.deform_scale), blur=0.0, bias_scale=0.0,
+                                     noise_std=0.0)
+        means = np.random.default_rng(int(data.contrast_seed)).uniform(0.0, 1.0, (2, n))
+        opts = dict(blur=0.5, bias_scale=0.2, noise_std=0.02)
+        return dict(fixed=_render(rng, p["fixed_labels"], means[0], **opts),
+                    moving=_render(rng, p["moving_labels"], means[1], **opts),
+                    fixed_labels=p["fixed_labels"], moving_labels=p["moving_labels"],
+                    spacing=np.ones(len(data.shape)))
+    raise ValueError(f"config.data.kind must be 'mni_slice' or 'synthetic', got {data.kind!r}")
+
+
+def training_arrays(pairs, k: int, *, scales, patch: int, foreground: str = "labels"):
+    """Per pyramid scale, the device arrays the train step samples from (shapes fixed for every ``k``).
+
+    Returns a tuple with one dict per scale: ``fixed``, ``moving`` ``(N, *S_s)`` float32 (all ``N`` pairs,
+    downsampled by ``spatial.downsample``) and ``cdf`` ``(N * prod(S_s),)`` float32, the cumulative distribution
+    of the patch centre over pair and voxel (flattened): uniform over the allowed centres of the first ``k`` pairs,
+    none elsewhere (pairs beyond ``k``, background, within a patch radius of the border).
+    ``foreground="labels"`` allows centres within a patch radius of a label > 0 (the brain), ``"edges"`` within
+    half a patch radius of a label boundary (label maps without background), ``"all"`` everywhere.
+    """
+    import scipy.ndimage as ndi
+
+    n = len(pairs)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the number of training pairs), got {k}")
+    out = []
+    r = patch // 2
+    for s in scales:
+        fixed = np.stack([np.asarray(spatial.downsample(jnp.asarray(p["fixed"], jnp.float32), int(s))) for p in pairs])
+        moving = np.stack([np.asarray(spatial.downsample(jnp.asarray(p["moving"], jnp.float32), int(s))) for p in pairs])
+        shape = fixed.shape[1:]
+        if min(shape) < patch:
+            raise ValueError(f"scale {s} gives images of shape {shape}, smaller than the {patch}-voxel patch")
+        allowed = np.zeros((n,) + shape, bool)
+        inner = tuple(slice(r, m - r) for m in shape)
+        for i, p in enumerate(pairs[:k]):
+            if foreground == "labels":
+                fg = np.asarray(spatial.downsample(jnp.asarray(p["fixed_labels"] > 0, jnp.float32), int(s))) > 0.25
+                fg = ndi.binary_dilation(fg, iterations=r) if fg.any() else np.ones(shape, bool)
+            elif foreground == "edges":
+                lab = p["fixed_labels"]
+                edge = (ndi.maximum_filter(lab, size=3) != ndi.minimum_filter(lab, size=3)).astype(np.float32)
+                fg = np.asarray(spatial.downsample(jnp.asarray(edge), int(s))) > 0.1
+                fg = ndi.binary_dilation(fg, iterations=max(1, r // 2)) if fg.any() else np.ones(shape, bool)
+            elif foreground == "all":
+                fg = np.ones(shape, bool)
+            else:
+                raise ValueError(f"foreground must be 'labels', 'edges' or 'all', got {foreground!r}")
+            a = np.zeros(shape, bool)
+            a[inner] = fg[inner]
+            allowed[i] = a
+        cdf = np.cumsum(allowed.ravel(), dtype=np.float64)
+        if cdf[-1] == 0:
+            raise ValueError(f"no allowed patch centre at scale {s} (images {shape}, patch {patch})")
+        out.append({"fixed": jnp.asarray(fixed), "moving": jnp.asarray(moving),
+                    "cdf": jnp.asarray((cdf / cdf[-1]).astype(np.float32))})
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ sampling and the step
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Online augmentation of patch pairs (angles in degrees, shifts in voxels of the sampled level)."""
+
+    max_rotation_deg: float = 15.0
+    max_scaling: float = 0.1
+    neg_min_shift: float = 2.0
+    neg_max_shift: float = 6.0
+    neg_rotation_deg: float = 10.0
+
+
+def _rotations(angles, ndim):
+    """``(B, n_angles)`` radians → ``(B, ndim, ndim)`` rotation matrices (``transforms.rigid``'s convention)."""
+    zeros = jnp.zeros(angles.shape[:1] + (ndim,), angles.dtype)
+    return jax.vmap(lambda p: transforms.rigid(p)[:ndim, :ndim])(jnp.concatenate([angles, zeros], axis=1))
+
+
+def _num_uniforms(ndim: int) -> int:
+    n_ang = 1 if ndim == 2 else 3
+    return 1 + ndim + n_ang + ndim + n_ang + 3
+
+
+def sample_patches(key, images, *, size: int, batch: int, aug: Augment):
+    """Draw ``batch`` (fixed, positive moving, negative moving) patch triples from one scale's ``images``.
+
+    ``images``: a dict of :func:`training_arrays`. Returns three ``(batch, *(size,) * ndim)`` arrays (see the module
+    docstring for the transforms). Pure and deterministic in ``key``; jit-compatible.
+    """
+    nd = images["fixed"].ndim - 1
+    u = jax.random.uniform(key, (batch, _num_uniforms(nd)), images["fixed"].dtype)
+    return _patches_from_uniforms(u, images, size=size, aug=aug)
+
+
+def _patches_from_uniforms(u, images, *, size: int, aug: Augment):
+    """``sample_patches`` given its uniform variates ``u`` ``(batch, _num_uniforms(ndim))`` in [0, 1)."""
+    fixed, moving, cdf = images["fixed"], images["moving"], images["cdf"]
+    shape = fixed.shape[1:]
+    nd, dtype, count, batch = len(shape), fixed.dtype, math.prod(shape), u.shape[0]
+    n_ang = 1 if nd == 2 else 3
+    u = u.astype(dtype)
+    cols = np.cumsum([0, 1, nd, n_ang, nd, n_ang, 3])
+    u_c, u_j, u_a, u_s, u_r, u_d = (u[:, a:b] for a, b in zip(cols[:-1], cols[1:]))
+    # patch centre: inverse-CDF draw over (pair, voxel) (categorical() would draw batch x N x prod(S) variates)
+    flat = jnp.minimum(jnp.searchsorted(cdf, u_c[:, 0].astype(cdf.dtype), side="right"), cdf.shape[0] - 1)
+    pair = flat // count
+    centre = jnp.stack(jnp.unravel_index(flat % count, shape), axis=-1).astype(dtype) + (u_j - 0.5)
+    rad = math.pi / 180.0
+    angles = (2 * u_a - 1) * (aug.max_rotation_deg * rad)
+    scales = 1 + (2 * u_s - 1) * aug.max_scaling
+    lin = _rotations(angles, nd) * scales[:, None, :]
+    lin_neg = _rotations(angles + (2 * u_r - 1) * (aug.neg_rotation_deg * rad), nd) * scales[:, None, :]
+    # negative shift: uniform direction (circle / sphere), length uniform in [neg_min_shift, neg_max_shift]
+    phi = 2 * math.pi * u_d[:, :1]
+    if nd == 2:
+        direction = jnp.concatenate([jnp.cos(phi), jnp.sin(phi)], axis=1)
+    else:
+        z = 2 * u_d[:, 1:2] - 1
+        rho = jnp.sqrt(jnp.maximum(1 - z * z, 0))
+        direction = jnp.concatenate([rho * jnp.cos(phi), rho * jnp.sin(phi), z], axis=1)
+    length = aug.neg_min_shift + (aug.neg_max_shift - aug.neg_min_shift) * u_d[:, 2:3]
+    r = (size - 1) / 2
+    offsets = jnp.asarray(np.stack(np.meshgrid(*[np.arange(size) - r] * nd, indexing="ij"), -1).reshape(-1, nd), dtype)
+    c = centre[:, None, :]
+    coords_f = c + jnp.einsum("bij,pj->bpi", lin, offsets)
+    coords_n = c + (direction * length)[:, None, :] + jnp.einsum("bij,pj->bpi", lin_neg, offsets)
+    grid = (size,) * nd + (nd,)
+
+    def take(imgs, coords):  # every pair as a channel, then each sample's own: no per-sample image gather
+        values = spatial.sample(jnp.moveaxis(imgs, 0, -1), coords.reshape((batch,) + grid))
+        return jnp.take_along_axis(values, pair.reshape((batch,) + (1,) * (nd + 1)), axis=-1)[..., 0]
+
+    return take(fixed, coords_f), take(moving, coords_f), take(moving, coords_n)
+
+
+def pair_loss(params, model, fixed, pos, neg, *, loss: str = "logistic"):
+    """Loss of a batch of patch triples and its metrics (``loss``, ``accuracy``, mean ``score_pos``/``score_neg``)."""
+    z_pos = model.apply(params, fixed, pos).reshape(-1)
+    z_neg = model.apply(params, fixed, neg).reshape(-1)
+    if loss == "logistic":
+        value = 0.5 * (jnp.mean(jax.nn.softplus(-z_pos)) + jnp.mean(jax.nn.softplus(z_neg)))
+    elif loss == "hinge":
+        value = 0.5 * (jnp.mean(jax.nn.relu(1 - z_pos)) + jnp.mean(jax.nn.relu(1 + z_neg)))
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    acc = 0.5 * (jnp.mean((z_pos > 0).astype(value.dtype)) + jnp.mean((z_neg < 0).astype(value.dtype)))
+    return value, {"loss": value, "accuracy": acc, "score_pos": jnp.mean(z_pos), "score_neg": jnp.mean(z_neg)}
+
+
+def make_train_step(model, tx, *, aug: Augment, batch: int, loss: str = "logistic"):
+    """Jitted ``train_step(state, data, key) -> (state, metrics)`` with ``state`` donated.
+
+    ``data``: the tuple of :func:`training_arrays` (one dict per scale); each scale contributes ``batch`` patch
+    triples, drawn inside the step from ``key``. ``metrics``: those of :func:`pair_loss`, ``grad_norm`` and
+    ``finite``; a non-finite loss or gradient leaves the state unchanged (``finite = False``).
+    """
+    import optax
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    size = model.patch_size
+    net = model.clone(impl="xla")  # same parameters; on patches it compiles in about half im2col's time
+
+    def train_step(state, data, key):
+        # one draw for all scales: every random call site costs seconds of XLA:CPU compilation
+        nd = data[0]["fixed"].ndim - 1
+        u = jax.random.uniform(key, (len(data), batch, _num_uniforms(nd)), data[0]["fixed"].dtype)
+        triples = [_patches_from_uniforms(u[i], d, size=size, aug=aug) for i, d in enumerate(data)]
+        fixed, pos, neg = (jnp.concatenate([t[i] for t in triples]) for i in range(3))
+        (value, metrics), grads = jax.value_and_grad(pair_loss, has_aux=True)(state.params, net, fixed, pos, neg,
+                                                                              loss=loss)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new = training.TrainState(step=state.step + 1, params=jax.tree_util.tree_map(keep, params, state.params),
+                                  opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
+        return new, {**metrics, "grad_norm": grad_norm, "finite": finite}
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, aug: Augment, batch: int, loss: str):
+    tx = training.make_optimizer(optimizer, learning_rate, grad_clip=grad_clip or None)
+    return tx, make_train_step(model, tx, aug=aug, batch=batch, loss=loss)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and metric
+def variant_dir(workdir, k: int) -> str:
+    """The model folder of the variant trained on ``k`` pairs (the metric's ``checkpoint`` path)."""
+    return os.path.join(os.fspath(workdir), f"k{int(k)}")
+
+
+def _read_info(path: str) -> dict:
+    info_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"learned metric checkpoint {path!r} is not a directory: give the model folder "
+                                f"written by train.py (WORKDIR/k<K>, containing {MODEL_FILE} and checkpoints/)")
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(f"learned metric checkpoint {path!r} has no {MODEL_FILE}: give the model folder "
+                                f"written by train.py (WORKDIR/k<K>)")
+    with open(info_path) as fh:
+        return json.load(fh)
+
+
+def _latest_step(path: str) -> int | None:
+    folder = os.path.join(path, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()]
+    return max(steps) if steps else None
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str, step: int):
+    info = _read_info(path)
+    model = build_model(info["ndim"], **info["model"])
+    t = info["train"]
+    tx = training.make_optimizer(t["optimizer"], t["learning_rate"], grad_clip=t.get("grad_clip") or None)
+    shape = (model.patch_size,) * model.ndim
+    # the metric is first called while a registration is being traced: keep loading out of that trace
+    with jax.ensure_compile_time_eval():
+        template = jax.eval_shape(lambda: training.create_state(model, tx, jax.random.key(0), shape))
+        manager = training.checkpoint_manager(os.path.join(path, "checkpoints"))
+        try:
+            state = training.restore_checkpoint(manager, template, step)
+        finally:
+            manager.close()
+        return model, jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
+
+
+def load(checkpoint) -> tuple[PatchSimilarity, dict]:
+    """``(model, params)`` of a trained metric folder (``WORKDIR/k<K>``), latest checkpoint; cached per path and step.
+
+    Raises ``FileNotFoundError`` naming ``checkpoint`` when it is not such a folder or holds no checkpoint.
+    """
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"checkpoint must be a path (str), got {type(checkpoint).__name__}: {checkpoint!r}")
+    path = os.path.abspath(os.fspath(checkpoint))
+    _read_info(path)  # clear errors before anything else
+    step = _latest_step(path)
+    if step is None:
+        raise FileNotFoundError(f"learned metric checkpoint {os.fspath(checkpoint)!r} holds no saved step in "
+                                f"{os.path.join(path, 'checkpoints')}: finish training first (train.py)")
+    return _load(path, step)
+
+
+def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str = "score"):
+    """The learned similarity as a registration loss (``losses.SIMILARITIES["learned"]``); lower is better.
+
+    ``fixed``, ``warped``: ``(*S)`` float images (2-D or 3-D, as the model was trained) in about [0, 1];
+    ``checkpoint``: the model folder (``WORKDIR/k<K>``); the parameters are loaded once per path and saved step and
+    become constants of the caller's compiled program. ``mask``, ``stride``, ``form``: see
+    ``jaxreg.models.similarity.dense_similarity`` (``"score"``: minus the mean logit over all patches).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    model, params = load(checkpoint)
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.result_type(fixed, warped)), params)
+    return dense_similarity(model, params, fixed, warped, mask=mask, stride=stride, form=form)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def _ks(config) -> tuple[int, ...]:
+    n = int(config.data.num_train_pairs)
+    ks = tuple(int(k) for k in config.train.ks)
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad or not ks:
+        raise ValueError(f"config.train.ks must list pair counts in [1, data.num_train_pairs={n}], got {ks}")
+    return ks
+
+
+def _augment(config) -> Augment:
+    a = config.train.augment
+    return Augment(float(a.max_rotation_deg), float(a.max_scaling), float(a.neg_min_shift), float(a.neg_max_shift),
+                   float(a.neg_rotation_deg))
+
+
+def training_pairs(config) -> list[dict]:
+    """The ``data.num_train_pairs`` aligned pairs (seed ``data.seed``), generated on the host."""
+    return [make_pair(config.data, seed=config.data.seed, index=i, aligned=True)
+            for i in range(int(config.data.num_train_pairs))]
+
+
+def _write_json_atomic(path, obj):
+    from jaxreg.data.io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+
+    atomic_write(path, write)
+
+
+def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
+    """Train one metric per ``k`` in ``config.train.ks`` under ``workdir/k{k}``; resume from saved checkpoints.
+
+    Each variant runs ``config.train.steps`` steps (``stop_at``: stop every variant after that step, saving a
+    checkpoint, as a kill would; rerun to resume). The random stream depends on the step only, so a resumed run
+    reproduces an uninterrupted one. Returns the ``TrainState`` of the last variant.
+    """
+    t = config.train
+    ks = _ks(config)
+    if t.loss not in LOSSES:
+        raise ValueError(f"config.train.loss must be one of {LOSSES}, got {t.loss!r}")
+    ndim = len(tuple(config.data.shape))
+    model = build_model(ndim, **_model_kwargs(config))
+    aug = _augment(config)
+    scales = tuple(int(s) for s in t.scales)
+    batch = int(t.batch_size)
+    tx, step_fn = _cached_step(model, t.optimizer, float(t.learning_rate), float(t.get("grad_clip") or 0.0), aug,
+                               batch, t.loss)
+    pairs = training_pairs(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    # "rbg" keys: XLA's RngBitGenerator compiles in a fraction of threefry's time on CPU (deterministic per backend)
+    key = jax.random.key(int(config.seed), impl="rbg")
+    step_key = jax.random.fold_in(key, 1)
+    patch = (model.patch_size,) * ndim
+    state = None
+    for k in ks:
+        vdir = variant_dir(workdir, k)
+        os.makedirs(vdir, exist_ok=True)
+        info = {"ndim": ndim, "model": _model_kwargs(config), "patch_size": model.patch_size, "k": k,
+                "train": {"optimizer": t.optimizer, "learning_rate": float(t.learning_rate),
+                          "grad_clip": float(t.get("grad_clip") or 0.0), "steps": int(t.steps), "batch_size": batch,
+                          "loss": t.loss, "scales": list(scales), "augment": dataclasses.asdict(aug)},
+                "data": json.loads(config.data.to_json())}
+        _write_json_atomic(os.path.join(vdir, MODEL_FILE), info)
+        data = training_arrays(pairs, k, scales=scales, patch=model.patch_size,
+                               foreground=config.data.get("foreground", "labels"))
+        state = training.create_state(model, tx, jax.random.fold_in(key, 0), patch)
+        manager = training.checkpoint_manager(os.path.join(vdir, "checkpoints"), save_every=int(t.checkpoint_every),
+                                              keep=int(t.get("keep_checkpoints", 2)))
+        restored = training.restore_checkpoint(manager, state)
+        if restored is not None:
+            state = restored
+        state = jax.device_put(state, jax.devices()[0])  # fresh and restored states alike: one compiled step
+        start = int(state.step)
+        last = int(t.steps) if stop_at is None else min(int(stop_at), int(t.steps))
+        bar = None
+        if progress and start < last:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(t.steps), initial=start, desc=f"k={k}", unit="step", leave=False)
+        tick, since = time.perf_counter(), start
+        try:
+            with open(os.path.join(vdir, "metrics.jsonl"), "a") as log:
+                for step in range(start, last):
+                    state, metrics = step_fn(state, data, jax.random.fold_in(step_key, step))
+                    done = step + 1
+                    if not bool(metrics["finite"]):
+                        raise FloatingPointError(
+                            f"learned metric k={k}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+                            f"({float(metrics['grad_norm'])}) at step {done}; the state was left at step {done - 1}. "
+                            f"Lower train.learning_rate or set train.grad_clip")
+                    if done % int(t.log_every) == 0 or done == last:
+                        now = time.perf_counter()
+                        row = {"step": done, **{n: float(metrics[n]) for n in
+                                                ("loss", "accuracy", "score_pos", "score_neg", "grad_norm")},
+                               "steps_per_s": (done - since) / max(now - tick, 1e-9)}
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                        tick, since = now, done
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+                    if bar is not None:
+                        bar.update(1)
+                    training.save_checkpoint(manager, state, force=done == last)
+        finally:
+            if bar is not None:
+                bar.close()
+            manager.close()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def _register_options(config) -> dict:
+    opts = {}
+    for name, value in config.eval.register.items():
+        opts[name] = tuple(value) if isinstance(value, list) else value
+    return opts
+
+
+def _methods(config, workdir) -> list[tuple[str, int | None, dict, bool]]:
+    """``[(name, k, register options, uses masks)]`` of the evaluated methods, in table order."""
+    base = _register_options(config)
+    mi = {"bins": int(config.eval.mi_bins)}
+    out = []
+    for name in config.eval.methods:
+        if name == "identity":
+            out.append(("identity", None, {}, False))
+        elif name == "mi":
+            out.append(("mi", None, {**base, "metric": "mi", "metric_options": mi}, False))
+        elif name == "mi_masked":
+            out.append(("mi_masked", None, {**base, "metric": "mi", "metric_options": mi}, True))
+        elif name in ("learned", "learned_masked"):
+            for k in _ks(config):
+                path = variant_dir(workdir, k)
+                load(path)  # fail early, naming the path
+                opts = {"checkpoint": path, "stride": int(config.eval.stride), "form": config.eval.form}
+                out.append((name, k, {**base, "metric": "learned", "metric_options": opts,
+                                      **dict(config.eval.get("learned_overrides") or {})}, name.endswith("masked")))
+        else:
+            raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, mi, mi_masked, "
+                             f"learned, learned_masked")
+    return out
+
+
+def _label(name, k, n_train):
+    if k is None:
+        return name
+    return f"{name} (k={'all, ' if k == n_train else ''}{k})"
+
+
+def evaluate(config, workdir, *, out=None) -> dict:
+    """Register ``config.eval.num_pairs`` held-out pairs with every method; write and return the table.
+
+    Test pairs: ``make_pair(config.data, seed=data.test_seed, index=i, aligned=False)`` (deformed, multimodal).
+    Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for brain masks.
+    Measures per pair: mean Dice and Jaccard over labels 1..K-1 (``jaxreg.metrics``), per-label values, seconds
+    (including compilation on the first pair of each method). Writes ``results.csv`` (a row per pair and method),
+    ``results.json`` (rows and summary) and ``results.md`` under ``out`` (default ``workdir/eval``), each atomically.
+    Returns ``{"rows", "summary", "markdown"}``.
+    """
+    from jaxreg import metrics, optimize
+    from jaxreg.data.io import atomic_write
+
+    n_train = int(config.data.num_train_pairs)
+    methods = _methods(config, workdir)
+    n = int(config.eval.num_pairs)
+    rows = []
+    for i in range(n):
+        p = make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)
+        f, m = jnp.asarray(p["fixed"]), jnp.asarray(p["moving"])
+        fl, ml = np.asarray(p["fixed_labels"]), np.asarray(p["moving_labels"])
+        labels = list(range(1, int(max(fl.max(), ml.max())) + 1))
+        masks = {"fixed_mask": jnp.asarray(fl > 0, jnp.float32), "moving_mask": jnp.asarray(ml > 0, jnp.float32)}
+        for name, k, opts, masked in methods:
+            t0 = time.perf_counter()
+            if name == "identity":
+                disp = jnp.zeros(f.shape + (f.ndim,), f.dtype)
+            else:
+                disp = optimize.register(f, m, **opts, **(masks if masked else {})).disp
+            disp = jax.block_until_ready(disp)
+            seconds = time.perf_counter() - t0
+            warped = np.asarray(spatial.warp_labels(jnp.asarray(ml), disp))
+            dice = metrics.dice(fl, warped, labels=labels)
+            jac = metrics.jaccard(fl, warped, labels=labels)
+            rows.append({"pair": i, "method": _label(name, k, n_train), "k": -1 if k is None else k,
+                         "dice_mean": float(np.nanmean(list(dice.values()))),
+                         "jaccard_mean": float(np.nanmean(list(jac.values()))),
+                         "dice": dice, "jaccard": jac, "seconds": seconds})
+        if config.eval.get("verbose", True):
+            print(f"pair {i + 1}/{n}: " + ", ".join(f"{r['method']} {r['dice_mean']:.3f}"
+                                                   for r in rows if r["pair"] == i), flush=True)
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    summary = {name: metrics.summarize([r for r in rows if r["method"] == name]) for name in names}
+    table = markdown(summary)
+    out = os.fspath(out or os.path.join(workdir, "eval"))
+    os.makedirs(out, exist_ok=True)
+    metrics.write_csv(os.path.join(out, "results.csv"), rows)
+    metrics.write_json(os.path.join(out, "results.json"), {"rows": rows, "summary": summary, "num_pairs": n,
+                                                           "methods": names})
+
+    def write_md(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(table)
+
+    atomic_write(os.path.join(out, "results.md"), write_md)
+    return {"rows": rows, "summary": summary, "markdown": table}
+
+
+def markdown(summary) -> str:
+    """One row per method: Dice and Jaccard (mean ± std over pairs) and mean seconds per pair."""
+    lines = ["| method | Dice | Jaccard | s / pair |", "| --- | --- | --- | --- |"]
+    for name, s in summary.items():
+        cells = [f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}" for key in ("dice_mean", "jaccard_mean")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['seconds']['mean']:.1f} |")
+    return "\n".join(lines) + "\n"

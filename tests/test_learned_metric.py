@@ -1,0 +1,219 @@
+"""Learned similarity metric: patch CNN shapes, dense = per-patch evaluation, training, use in the engine."""
+import json
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreg import losses, optimize, spatial, training, transforms
+from jaxreg.methods import learned_metric as lm
+from jaxreg.models.similarity import PatchSimilarity, centre_slices, dense_similarity
+
+
+def _params(model, shape, seed=0):
+    return training.init_params(model, jax.random.key(seed), shape)
+
+
+# ------------------------------------------------------------------------------------------------ model shapes
+def test_model_shapes_2d_3d_and_im2col_equals_xla(rng):
+    m2 = PatchSimilarity(ndim=2, features=(4, 4, 4), dilations=(1, 1, 2), hidden=(8,))
+    assert m2.patch_size == 9
+    p2 = _params(m2, (9, 9))
+    f, w = (jnp.asarray(rng.uniform(size=(3, 20, 17)), jnp.float32) for _ in range(2))
+    shape = lambda model, *args, **kw: jax.eval_shape(partial(model.apply, **kw), *args)  # noqa: E731
+    assert shape(m2, p2, f, w) == jax.ShapeDtypeStruct((3, 12, 9), jnp.float32)
+    assert shape(m2, p2, f[0], w[0]).shape == (12, 9)
+    assert shape(m2, p2, f[0, :9, :9], w[0, :9, :9]).shape == (1, 1)
+    assert shape(m2, p2, f, w, stride=4).shape == (3, 3, 3)
+
+    m3 = PatchSimilarity(ndim=3, features=(3, 4), dilations=(1, 2), hidden=())
+    p3 = _params(m3, (7, 7, 7))
+    f3, w3 = (jnp.asarray(rng.uniform(size=(2, 9, 10, 11))) for _ in range(2))
+    out = jax.jit(partial(m3.apply, stride=2))(p3, f3, w3)
+    assert out.shape == (2, 2, 2, 3)
+    xla = PatchSimilarity(ndim=3, features=(3, 4), dilations=(1, 2), hidden=(), impl="xla")
+    np.testing.assert_allclose(out, jax.jit(partial(xla.apply, stride=2))(p3, f3, w3), rtol=1e-10, atol=1e-12)
+
+    with pytest.raises(ValueError, match="at least 9 voxels"):
+        m2.apply(p2, f[:, :8], w[:, :8])
+    with pytest.raises(ValueError, match="same shape"):
+        m2.apply(p2, f, w[:, :-1])
+
+
+def test_dense_metric_equals_sum_over_extracted_patches(rng):
+    model = PatchSimilarity(ndim=2, features=(4, 4), dilations=(1, 2), hidden=(6,))
+    size = model.patch_size  # 7
+    params = _params(model, (size, size), seed=1)
+    f, w = rng.uniform(size=(15, 13)), rng.uniform(size=(15, 13))
+    mask = (rng.uniform(size=(15, 13)) > 0.4) * rng.uniform(size=(15, 13))
+    # all patches (stride 1), each scored on its own: N(F(P), W(P))
+    corners = [(i, j) for i in range(15 - size + 1) for j in range(13 - size + 1)]
+    fp = np.stack([f[i:i + size, j:j + size] for i, j in corners])
+    wp = np.stack([w[i:i + size, j:j + size] for i, j in corners])
+    z = np.asarray(jax.jit(model.apply)(params, fp, wp)).reshape(15 - size + 1, 13 - size + 1)
+    centre_mask = mask[size // 2: size // 2 + z.shape[0], size // 2: size // 2 + z.shape[1]]
+
+    @partial(jax.jit, static_argnames=("stride", "form"))
+    def run(f, w, mask, stride, form):
+        return (model.apply(params, f, w, stride=stride), dense_similarity(model, params, f, w, stride=stride),
+                dense_similarity(model, params, f, w, mask=mask, stride=stride, form=form))
+
+    for stride, form in ((1, "score"), (2, "nll")):
+        zs, weights = z[::stride, ::stride], centre_mask[::stride, ::stride]
+        dense, plain, masked = run(f, w, mask, stride, form)
+        np.testing.assert_allclose(dense, zs, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(plain, -zs.mean(), rtol=1e-10)
+        per_patch = -zs if form == "score" else np.logaddexp(0, -zs)
+        np.testing.assert_allclose(masked, (per_patch * weights).sum() / weights.sum(), rtol=1e-10)
+        assert mask[centre_slices(f.shape, size, stride)].shape == dense.shape
+    assert float(run(f, w, np.zeros_like(f), 1, "score")[2]) == 0.0
+    with pytest.raises(ValueError, match="form"):
+        dense_similarity(model, params, f, w, form="logit")
+
+
+# --------------------------------------------------------------------------------------- a briefly trained metric
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learned_metric_cfg", os.path.join(ROOT, "configs", "learned_metric.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data.kind = "synthetic"
+    c.data.shape = (32, 32)
+    c.data.num_labels = 8
+    c.data.foreground = "edges"
+    c.data.num_train_pairs = 3
+    c.model.features = (8, 8, 8)
+    c.model.dilations = (1, 1, 2)
+    c.model.hidden = (16,)
+    c.train.ks = (3,)
+    c.train.steps = 400
+    c.train.batch_size = 32
+    c.train.scales = (1,)
+    c.train.learning_rate = 3e-3
+    c.train.log_every = 100
+    c.train.checkpoint_every = 200
+    c.eval.num_pairs = 1
+    c.eval.methods = ("identity", "mi", "learned")
+    c.eval.register = dict(transform="translation", init=None, deformable=None, affine_levels=(1,),
+                           affine_iterations=(40,), affine_learning_rate=0.05)
+    c.eval.verbose = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A metric trained for 400 steps on 3 aligned synthetic pairs, interrupted at step 200 and resumed."""
+    workdir = str(tmp_path_factory.mktemp("learned_metric"))
+    config = _config()
+    state = lm.fit(config, workdir, stop_at=200, progress=False)
+    assert int(state.step) == 200
+    state = lm.fit(config, workdir, progress=False)
+    assert int(state.step) == 400
+    return config, workdir
+
+
+def _held_out(config):
+    p = lm.make_pair(config.data, seed=config.data.test_seed, index=0, aligned=True)
+    return jnp.asarray(p["fixed"], jnp.float64), jnp.asarray(p["moving"], jnp.float64)
+
+
+def _translated(image, shift):
+    """``image`` moved by ``+shift`` voxels: ``out[x] = image[x - shift]``."""
+    return spatial.warp(image, jnp.broadcast_to(-jnp.asarray(shift, image.dtype), image.shape + (2,)))
+
+
+def test_training_writes_resumable_checkpoints(trained):
+    config, workdir = trained
+    path = lm.variant_dir(workdir, 3)
+    info = json.load(open(os.path.join(path, lm.MODEL_FILE)))
+    assert info["k"] == 3 and info["patch_size"] == 9
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [100, 200, 300, 400]  # stopped at 200, resumed without repeating steps
+    # well above chance (loss ln 2 = 0.69, accuracy 0.5); a shifted straight edge can look aligned, so not near 1
+    assert rows[-1]["loss"] < 0.6 and rows[-1]["accuracy"] > 0.65, rows[-1]
+    assert sorted(int(s) for s in os.listdir(os.path.join(path, "checkpoints")) if s.isdigit())[-1] == 400
+
+
+def test_trained_metric_ranks_aligned_above_misaligned_and_its_gradient_realigns(trained):
+    config, workdir = trained
+    f, m = _held_out(config)
+    path = lm.variant_dir(workdir, 3)
+    shifts = jnp.asarray([(3.0, 0.0), (0.0, -3.0), (-2.0, 2.0), (2.0, 2.0)])
+
+    @jax.jit
+    def check(f, m):
+        aligned = losses.SIMILARITIES["learned"](f, m, checkpoint=path)
+
+        def loss(t, moved):  # moved pulled through the translation t
+            return lm.metric(f, spatial.warp(moved, spatial.affine_to_disp(transforms.translation(t), f.shape)),
+                             checkpoint=path)
+
+        def one(shift):
+            moved = _translated(m, shift)  # aligned again by pulling with t = +shift
+            return loss(jnp.zeros(2), moved), jax.grad(loss)(jnp.zeros(2), moved)
+
+        return aligned, jax.vmap(one)(shifts)
+
+    aligned, (shifted, grads) = check(f, m)
+    assert np.all(float(aligned) < np.asarray(shifted)), (aligned, shifted)
+    # a gradient-descent step on the translation moves towards the aligning translation (+shift)
+    descent = -np.sum(np.asarray(grads) * np.asarray(shifts), axis=1)
+    assert np.all(descent > 0), (grads, shifts)
+
+
+def test_learned_metric_through_the_engine_and_evaluate(trained, tmp_path):
+    config, workdir = trained
+    p = lm.make_pair(config.data, seed=config.data.test_seed, index=1, aligned=True)
+    f = jnp.asarray(p["fixed"])
+    m = _translated(jnp.asarray(p["moving"]), (2.0, -1.0))
+    res = optimize.register(f, m, metric="learned", metric_options={"checkpoint": lm.variant_dir(workdir, 3)},
+                            **config.eval.register)
+    t = np.asarray(res.matrix[:2, 2])
+    # most of the way from identity towards the true translation (this briefly trained metric is weak in axis 1)
+    assert np.linalg.norm(t - [2.0, -1.0]) < 0.7 * np.linalg.norm([2.0, -1.0]), t
+    assert res.disp.dtype == jnp.float32 and np.isfinite(np.asarray(res.disp)).all()
+
+    out = lm.evaluate(config, workdir, out=str(tmp_path / "eval"))
+    assert {r["method"] for r in out["rows"]} == {"identity", "mi", "learned (k=all, 3)"}
+    assert "| learned (k=all, 3) |" in out["markdown"]
+    for name in ("results.csv", "results.json", "results.md"):
+        assert (tmp_path / "eval" / name).is_file()
+    for row in out["rows"]:
+        assert 0 <= row["jaccard_mean"] <= row["dice_mean"] <= 1, row  # J = D / (2 - D) <= D
+
+
+def test_bad_checkpoint_path_is_named(tmp_path):
+    f = jnp.zeros((16, 16))
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        lm.metric(f, f, checkpoint=missing)
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        optimize.register(f, f, metric="learned", metric_options={"checkpoint": missing}, transform=None,
+                          deformable="disp", levels=(1,), iterations=(2,))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        lm.metric(f, f, checkpoint=str(empty))
+    (empty / lm.MODEL_FILE).write_text(json.dumps({"ndim": 2, "model": {}, "train": {}}))
+    with pytest.raises(FileNotFoundError, match="no saved step"):
+        lm.metric(f, f, checkpoint=str(empty))
+
+
+def test_cli_metric_checkpoint_option():
+    from jaxreg import cli
+
+    parse = lambda *a: cli._options_from_args(cli._parser().parse_args(["register", "f.nii", "m.nii", "-o", "o", *a]))  # noqa: E731
+    opts = parse("--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
+    assert opts["metric"] == "learned" and opts["metric_options"] == {"checkpoint": "runs/lm/k20"}
+    with pytest.raises(ValueError, match="--metric-checkpoint"):
+        parse("--metric", "learned")
+    with pytest.raises(ValueError, match="both stages"):
+        parse("--preset", "multimodal", "--metric", "learned", "--metric-checkpoint", "runs/lm/k20")

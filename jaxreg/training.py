@@ -269,8 +269,10 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     anything is compiled. ``stop_at`` ends the run early after that step (saving a checkpoint), as a kill would.
     ``config.data.augment`` (optional; ``jaxreg.data.augment.default_config()``) with ``enabled`` augments every
     batch inside the jitted step with the step's key; with ``config.data.fixed_as_moving`` on a dataset whose fixed
-    image never changes, one batch is placed on the devices for the whole run (no loader). Returns the final
-    ``TrainState``.
+    image never changes, one batch is placed on the devices for the whole run (no loader). The host reads a step's
+    ``finite`` flag only after dispatching the next step (and at log and checkpoint steps), so it never waits on
+    the device between steps; a non-finite step raises ``FloatingPointError`` naming it before any later state is
+    saved. Returns the final ``TrainState``.
     """
     from jaxreg.data import datasets
 
@@ -307,13 +309,19 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
                                  prefetch=t.get("prefetch", 2))
         batches = ((step, shard_batch(batch, mesh)) for step, batch in loader)
     tick, since = time.perf_counter(), start
+    pending = None  # (metrics, step) of the last step, checked once the next one has been dispatched
     try:
         with open(log_path, "a") as log:
             for step, batch in batches:  # step counts from 0; the state after it has state.step == step + 1
                 state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
-                check_finite(metrics, step + 1)
+                # The previous step's finiteness is read while this one runs: no device->host wait between steps.
+                # A non-finite step still stops the run (one step later) before anything after it is saved.
+                if pending is not None:
+                    check_finite(*pending)
                 done = step + 1
+                pending = (metrics, done)
                 if done % t.log_every == 0 or done == last:
+                    check_finite(metrics, done)
                     now = time.perf_counter()
                     row = _log_row(done, metrics, (done - since) / max(now - tick, 1e-9))
                     log.write(json.dumps(row) + "\n")
@@ -323,7 +331,11 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
                         bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if bar is not None:
                     bar.update(1)
-                save_checkpoint(manager, state, force=done == last)
+                if done % t.checkpoint_every == 0 or done == last:
+                    check_finite(metrics, done)
+                    save_checkpoint(manager, state, force=True)
+            if pending is not None:
+                check_finite(*pending)
     finally:
         if loader is not None:
             loader.close()

@@ -253,7 +253,7 @@ def test_train_step_augments_deterministically_per_key(atlas):
         training.make_train_step(model, tx, loss, {"rotation_deg": 1.0})
 
 
-def test_fit_from_one_image_resumes_exactly_and_lowers_the_loss(tmp_path, atlas):
+def test_fit_from_one_image_resumes_exactly_and_lowers_the_loss(tmp_path, atlas, monkeypatch):
     config, train_set, model, loss = atlas["config"], atlas["train_set"], atlas["model"], atlas["loss"]
     assert train_set.constant and np.array_equal(train_set.pair(3)["moving_labels"], train_set.pair(3)["fixed_labels"])
     assert not isinstance(datasets.from_config(config.data, split="test"), datasets.FixedAsMoving)
@@ -272,6 +272,15 @@ def test_fit_from_one_image_resumes_exactly_and_lowers_the_loss(tmp_path, atlas)
                      for p in (initial, full.params))
     print(f"held-out similarity (MSE) before {before:.5f}, after 40 steps {after:.5f}")
     assert after < 0.6 * before, (before, after)
+
+    # a non-finite step stops the run naming that step (fit checks it while the next step runs), nothing saved
+    bad_batch = dict(atlas["batch"], moving=atlas["batch"]["moving"].copy())
+    bad_batch["moving"][:, 5, 5] = np.nan
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "make_batch", lambda *args: bad_batch)
+        with pytest.raises(FloatingPointError, match="similarity term .* at step 1;"):
+            training.fit(config, str(tmp_path / "nan"), progress=False)
+    assert training.checkpoint_manager(str(tmp_path / "nan" / "checkpoints")).all_steps() == []
 
     config = config.copy_and_resolve_references()
     config.data.augment.enabled = False

@@ -12,6 +12,8 @@ network + instance optimisation 0.977, classical engine 0.978. Override any fiel
 """
 import ml_collections
 
+from jaxreg.data import augment
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -28,6 +30,7 @@ def get_config():
     c.data.test_path = ""  # optional held-out folder/JSON for evaluate.py
     c.data.mode = "pairwise"
     c.data.atlas = 0
+    c.data.augment = augment.default_config()  # on-device augmentation, off here: --config.data.augment.enabled=True
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "vxm1"  # vxm1 | vxm2

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -95,14 +96,15 @@ def _rss_kb():
 def _call_with_peak_rss(fn):
     """``(fn(), peak resident-memory increase in MB during the call)``; the peak is None where /proc does not
     allow resetting it."""
+    gc.collect()
     try:
-        before = _rss_kb()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current RSS
     except OSError:
         return fn(), None
+    before = _rss_kb()["VmRSS"]  # read after the reset: memory freed meanwhile can only lower the result
     out = fn()
-    return out, (_rss_kb()["VmHWM"] - before) / 1024
+    return out, max(0.0, (_rss_kb()["VmHWM"] - before) / 1024)
 
 
 def _block(x):
@@ -233,7 +235,8 @@ def _jax_case(loss, fixed, warped):
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         xla_mb = None if mem is None else (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
-        out[mode] = dict(call=lambda c=compiled: _block(c(w, f)), compile_s=compile_s, xla_mb=xla_mb)
+        out[mode] = dict(call=lambda c=compiled: _block(c(w, f)), compile_s=compile_s, xla_mb=xla_mb,
+                         peak_of=None if jax.default_backend() == "cpu" else lambda fn: (fn(), None))
     return out
 
 

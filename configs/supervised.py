@@ -9,14 +9,22 @@ image in one fully convolutional pass, Gaussian-smoothed. Test pairs come from a
     nice -n 10 python train.py --config configs/supervised.py --workdir runs/supervised
     python evaluate.py --config configs/supervised.py --workdir runs/supervised
 
-Measured results: see the README's supervised section (not yet run at full size when this line was written).
+Measured (these defaults; 2 shared CPU cores under heavy load: training about 18 min, evaluation about 3 min;
+20 held-out pairs, mean Dice over CSF/GM/WM, end-point error against the true field):
+
+    affine 0.774, Demons (diffeomorphic) 0.942, diffeo engine 0.953, supervised 0.928 (EPE 0.49 mm against
+    Demons 0.37 and diffeo 0.30); the network is below both baselines, significantly (paired t-test and Wilcoxon,
+    p < 1e-4 for mean Dice). With --config.predict.iterations=2 (the network re-applied once to the warped image,
+    not in the paper): 0.940, no significant difference from Demons in mean Dice (p = 0.39 t-test, 0.55 Wilcoxon),
+    still below the diffeo engine (p < 1e-5).
 
 Variants: ``--config.target=classical`` trains on the classical engine's fields (``target_preset``) instead of the
 true ones; ``--config.sampling.strategy=uniform`` turns the magnitude balancing off; ``--config.data.contrast=t2``
 makes the moving image T2-like (Demons, a mono-modal method, then has no meaningful force). 3-D:
 ``--config=configs/supervised.py:3d`` uses 3-D MNI152 pairs (``mni_pair``, 2 mm, cropped to 80×96×80), which have
 no known field, so the targets are the classical diffeomorphic engine's results, and a lighter 3-D network (the
-similarity map flattened into the dense layer); sized for a GPU (see the 3-D note in the README).
+similarity map flattened into the dense layer). The 3-D code path was checked on CPU only at toy size (3-D synthetic
+24³ pairs, 3 training steps, then the evaluation); the full 3-D setting is sized for a GPU and has not been run.
 """
 import ml_collections
 
@@ -70,6 +78,7 @@ def get_config(arg: str = ""):
 
     c.predict = ml_collections.ConfigDict()
     c.predict.sigma = 1.0  # Gaussian smoothing of the predicted field (voxels); 0: off
+    c.predict.iterations = 1  # 1: one pass (Cao et al.); k > 1 re-applies the net to the warped image (extension)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_pairs = 20

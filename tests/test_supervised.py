@@ -161,7 +161,7 @@ def _toy_config(**train):
                                              schedule="constant", grad_clip=1.0, log_every=1, checkpoint_every=1,
                                              keep_checkpoints=2))
     c.train.update(train)
-    c.predict = ml_collections.ConfigDict(dict(sigma=1.0))
+    c.predict = ml_collections.ConfigDict(dict(sigma=1.0, iterations=1))
     c.eval = ml_collections.ConfigDict(dict(num_pairs=2, methods=("identity", "affine", "demons", "supervised"),
                                             classical_preset="diffeo", spacing=(),
                                             demons={"levels": (1,), "iterations": (5,)}))
@@ -196,6 +196,7 @@ def test_fit_resume_and_evaluate_smoke(tmp_path, monkeypatch):
     c = _toy_config(steps=2, batch_size=4)
     c.data.train_pairs = 2
     c.model.update(features=(4, 4), dilations=(1, 1), radius=1, sim_features=(), sim_out=4, head=4)
+    c.predict.iterations = 2  # the re-applied prediction path
     workdir = str(tmp_path / "run")
     state = S.fit(c, workdir, stop_at=1, progress=False)
     assert int(state.step) == 1 and os.path.isfile(os.path.join(workdir, "train_pairs.npz"))

@@ -26,11 +26,13 @@ Pipeline (``config`` fields in brackets; ``configs/supervised.py`` documents the
 5. **Training** [``train``]: mean squared error of the predicted centre displacement (voxels²), Adam, batches of
    ``batch_size`` patch pairs; pure jitted step with donated state, data parallel over the devices, orbax
    checkpoints with resume, non-finite guard. The prepared pairs are cached in ``workdir/train_pairs.npz``.
-6. **Dense prediction** [``predict.sigma``]: one fully convolutional pass gives the residual at every voxel, which
-   is Gaussian-smoothed (``spatial.gaussian_smooth``, sigma in voxels; 0 skips it) and composed with the affine.
+6. **Dense prediction** [``predict.sigma``, ``predict.iterations``]: one fully convolutional pass gives the residual
+   at every voxel, which is Gaussian-smoothed (``spatial.gaussian_smooth``, sigma in voxels; 0 skips it) and
+   composed with the affine. ``iterations > 1`` (not in the paper) re-applies the network to the moving image warped
+   by the field so far and composes the increments.
 
 Evaluation (``evaluate``): on ``eval.num_pairs`` test pairs (other seed), every method of ``eval.methods``
-(``METHODS``) is run and scored with per-label Dice and ASSD (mm) (for MNI data the labels are CSF, GM, WM), the
+(``METHODS``) is run and scored with Dice and ASSD (mm) per label 1..K-1 (for MNI data CSF, GM, WM), the
 end-point error against the true field where one is known (mm, mean over the fixed foreground), % folding voxels
 and seconds per pair (after an untimed warm-up pair; Demons and the network include their affine stage). Paired
 tests (``scipy.stats.ttest_rel`` and ``wilcoxon``) compare the supervised network with every baseline per measure.
@@ -54,7 +56,8 @@ from jaxreg.models import supervised as net_lib
 #: Evaluated methods: ``identity`` (no registration), ``affine`` (the pre-alignment alone), ``demons``
 #: (``jaxreg.demons.demons`` on the pre-aligned pair, options ``eval.demons``), ``diffeo`` (the classical engine,
 #: ``optimize.PRESETS[eval.classical_preset]``, its own affine stage included: the SyN stand-in), ``supervised``
-#: (the network, smoothed) and ``supervised_raw`` (the network without the final smoothing).
+#: (the network: ``predict.iterations`` passes, each smoothed by ``predict.sigma``) and ``supervised_raw`` (one pass,
+#: not smoothed).
 METHODS = ("identity", "affine", "demons", "diffeo", "supervised", "supervised_raw")
 
 TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
@@ -525,9 +528,10 @@ def _run_methods(config, methods, model, params, p):
         t0 = time.perf_counter()
         disp = jax.block_until_ready(optimize.register(f, m, **optimize.PRESETS[e.classical_preset]).disp)
         out["diffeo"] = (disp, time.perf_counter() - t0)
-    for name, sigma in (("supervised", float(config.predict.sigma)), ("supervised_raw", 0.0)):
+    passes = int(config.predict.get("iterations", 1))
+    for name, sigma, iterations in (("supervised", float(config.predict.sigma), passes), ("supervised_raw", 0.0, 1)):
         if name in methods:
-            predict = _predictor(model, sigma)
+            predict = _predictor(model, sigma, iterations)
             t0 = time.perf_counter()
             disp = jax.block_until_ready(compose_affine(matrix, a, predict(params, moving_a, f)))
             out[name] = (disp, t_affine + time.perf_counter() - t0)
@@ -535,8 +539,8 @@ def _run_methods(config, methods, model, params, p):
 
 
 @functools.lru_cache(maxsize=8)
-def _predictor(model, sigma):
-    return make_predict(model, sigma=sigma)
+def _predictor(model, sigma, iterations):
+    return make_predict(model, sigma=sigma, iterations=iterations)
 
 
 def paired_tests(rows, *, method: str = "supervised", keys, baselines) -> list[dict]:

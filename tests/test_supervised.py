@@ -232,3 +232,15 @@ def test_paired_tests():
     assert dice["n"] == 8 and dice["mean_diff"] == pytest.approx(0.1 - 0.002 * 3.5)
     assert dice["p_ttest"] < 1e-6 and dice["p_wilcoxon"] < 0.01
     assert np.isnan(assd["p_ttest"]) and np.isnan(assd["p_wilcoxon"])  # no difference at all
+
+
+def test_classical_targets_are_residuals_of_the_prealignment():
+    """target="classical" with the pre-alignment's own preset: the total field is the affine, the residual 0."""
+    c = _toy_config()
+    c.data.train_pairs = 1
+    c.data.options.update(affine_scale=1.0)
+    c.prealign, c.target, c.target_preset = "affine", "classical", "affine"
+    pairs = S.prepare_training_pairs(c)
+    assert pairs["target"].shape == (1, 32, 32, 2) and pairs["mask"].all()
+    np.testing.assert_allclose(pairs["target"], 0.0, atol=1e-4)
+    assert not np.allclose(pairs["moving"][0], S.generate(c, split="train", index=0)["moving"])  # it was warped

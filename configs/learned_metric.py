@@ -13,10 +13,28 @@ Any registration with the trained metric: ``optimize.register(f, m, metric="lear
 metric_options={"checkpoint": "runs/learned_metric/k20"})`` or ``jaxreg register ... --metric learned
 --metric-checkpoint runs/learned_metric/k20``.
 
-RESULTS (filled in below from the run that made them).
+Measured with exactly these two commands (2 shared CPU cores: 6.8 min to train the four variants of 1500 steps,
+4.7 min to evaluate), 10 held-out pairs, Dice / Jaccard mean ± std, paired Dice difference against MI (Wilcoxon):
+
+| method | Dice | Jaccard | Dice − MI (paired; wins; p) |
+| --- | --- | --- | --- |
+| none | 0.498 ± 0.072 | 0.350 ± 0.066 | |
+| MI | 0.900 ± 0.015 | 0.826 ± 0.022 | |
+| MI, brain masks | 0.896 ± 0.018 | 0.822 ± 0.027 | -0.003; 5/10; 0.56 |
+| learned, k = all (20) | 0.907 ± 0.010 | 0.836 ± 0.015 | +0.007; 6/10; 0.19 |
+| learned, k = 11 | 0.895 ± 0.013 | 0.819 ± 0.018 | -0.004; 3/10; 0.23 |
+| learned, k = 6 | 0.909 ± 0.008 | 0.839 ± 0.012 | +0.009; 8/10; 0.064 |
+| learned, k = 3 | 0.913 ± 0.005 | 0.845 ± 0.007 | +0.013; 8/10; 0.037 |
+
+The learned metric is on a par with MI or slightly better (three of four variants above, one slightly below), at
+about 3x MI's time per pair (median 2.2 s against 0.7 s). It is not monotone in k: the training seed alone moves
+k = 20 between 0.907 and 0.914 (``--config.seed=1`` and ``2``, ``--config.train.ks="(20,)"``: 0.914 ± 0.009 and
+0.914 ± 0.014, +0.014 over MI on 9/10 pairs each), as much as k does.
 
 3-D: ``--config configs/learned_metric.py:3d`` switches to 3-D synthetic label maps (32³, two fixed random
 contrasts; the same network with 3³ kernels); any field can be overridden, e.g. ``--config.data.shape="(48,48,48)"``.
+Checked only end to end (``--config.train.steps=30 --config.train.ks="(3,)"``, evaluate with
+``--config.eval.num_pairs=1``: about 4 minutes each, mostly compilation); 30 steps give no useful metric.
 """
 import ml_collections
 
@@ -65,11 +83,13 @@ def get_config(variant: str = ""):
     c.eval.methods = ("identity", "mi", "mi_masked", "learned")  # + "learned_masked"
     c.eval.mi_bins = 32
     c.eval.stride = 1  # learned metric: patch corners every stride voxels
-    c.eval.form = "score"  # score (-mean logit) | nll (mean -log sigmoid)
-    # shared by every method (only the metric differs): optimize.register options
+    c.eval.form = "score"  # score (-mean logit) | nll (mean -log sigmoid); validation, reg 3: 0.897 vs 0.889
+    # shared by every method (only the metric differs): optimize.register options. reg_weight was chosen on 4
+    # validation pairs (data.test_seed=500_000, not the test pairs), k=20: MI Dice 0.865 / 0.878 / 0.899 / 0.903 /
+    # 0.855 for 0.3 / 1 / 3 / 10 / 30; learned 0.859 / 0.897 / 0.912 / 0.913 / 0.904 for 0.3 / 3 / 10 / 30 / 100
     c.eval.register = ml_collections.ConfigDict(dict(
         transform="affine", deformable="disp", affine_levels=(2, 1), affine_iterations=(100, 50),
-        levels=(2, 1), iterations=(80, 40), regularizer="diffusion", reg_weight=0.3))
+        levels=(2, 1), iterations=(80, 40), regularizer="diffusion", reg_weight=10.0))
     c.eval.learned_overrides = ml_collections.ConfigDict()  # register options for the learned metric only
     c.eval.verbose = True
 

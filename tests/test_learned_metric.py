@@ -81,7 +81,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("learned_metric_cfg", os.path.join(ROOT, "configs", "learned_metric.py"))
+    path = os.path.join(ROOT, "configs", "learned_metric.py")
+    spec = importlib.util.spec_from_file_location("learned_metric_cfg", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -210,7 +211,9 @@ def test_bad_checkpoint_path_is_named(tmp_path):
 def test_cli_metric_checkpoint_option():
     from jaxreg import cli
 
-    parse = lambda *a: cli._options_from_args(cli._parser().parse_args(["register", "f.nii", "m.nii", "-o", "o", *a]))  # noqa: E731
+    def parse(*args):
+        return cli._options_from_args(cli._parser().parse_args(["register", "f.nii", "m.nii", "-o", "o", *args]))
+
     opts = parse("--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
     assert opts["metric"] == "learned" and opts["metric_options"] == {"checkpoint": "runs/lm/k20"}
     with pytest.raises(ValueError, match="--metric-checkpoint"):

@@ -79,7 +79,8 @@ def _render(rng, labels, means, *, blur: float, bias_scale: float, noise_std: fl
     if blur > 0:
         img = ndi.gaussian_filter(img, blur, mode="nearest")
     if bias_scale > 0:
-        img = img * np.exp(bias_scale * smooth_random_field(rng, labels.shape, 1, spacing=max(labels.shape) / 2)[..., 0])
+        bias = smooth_random_field(rng, labels.shape, 1, spacing=max(labels.shape) / 2)[..., 0]
+        img = img * np.exp(bias_scale * bias)
     if noise_std > 0:
         img = img + noise_std * rng.standard_normal(labels.shape)
     return normalize(img, lower=0.0, upper=100.0)
@@ -139,8 +140,9 @@ def training_arrays(pairs, k: int, *, scales, patch: int, foreground: str = "lab
     out = []
     r = patch // 2
     for s in scales:
-        fixed = np.stack([np.asarray(spatial.downsample(jnp.asarray(p["fixed"], jnp.float32), int(s))) for p in pairs])
-        moving = np.stack([np.asarray(spatial.downsample(jnp.asarray(p["moving"], jnp.float32), int(s))) for p in pairs])
+        down = lambda x: np.asarray(spatial.downsample(jnp.asarray(x, jnp.float32), int(s)))  # noqa: E731
+        fixed = np.stack([down(p["fixed"]) for p in pairs])
+        moving = np.stack([down(p["moving"]) for p in pairs])
         shape = fixed.shape[1:]
         if min(shape) < patch:
             raise ValueError(f"scale {s} gives images of shape {shape}, smaller than the {patch}-voxel patch")
@@ -364,8 +366,10 @@ def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str =
 
     ``fixed``, ``warped``: ``(*S)`` float images (2-D or 3-D, as the model was trained) in about [0, 1];
     ``checkpoint``: the model folder (``WORKDIR/k<K>``); the parameters are loaded once per path and saved step and
-    become constants of the caller's compiled program. ``mask``, ``stride``, ``form``: see
-    ``jaxreg.models.similarity.dense_similarity`` (``"score"``: minus the mean logit over all patches).
+    become constants of the caller's compiled program (the engine caches that program by its options, so a model
+    retrained into the same folder is picked up by a new process, not by the one that already used it).
+    ``mask``, ``stride``, ``form``: see ``jaxreg.models.similarity.dense_similarity`` (``"score"``: minus the mean
+    logit over all patches).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -536,8 +540,9 @@ def evaluate(config, workdir, *, out=None) -> dict:
     Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for brain masks.
     Measures per pair: mean Dice and Jaccard over labels 1..K-1 (``jaxreg.metrics``), per-label values, seconds
     (the first pair of each method includes compilation; the table shows the median). When ``"mi"`` is evaluated,
-    every other method gets its paired Dice difference against it (``paired_against``). Writes ``results.csv`` (a row per pair and method),
-    ``results.json`` (rows and summary) and ``results.md`` under ``out`` (default ``workdir/eval``), each atomically.
+    every other method gets its paired Dice difference against it (``paired_against``). Writes ``results.csv`` (a
+    row per pair and method), ``results.json`` (rows, summary, paired differences) and ``results.md`` under ``out``
+    (default ``workdir/eval``), each atomically.
     Returns ``{"rows", "summary", "markdown"}``.
     """
     from jaxreg import metrics, optimize

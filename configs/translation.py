@@ -1,19 +1,41 @@
 """Multimodal registration through a translation network (Arar et al., CVPR 2020) on 2-D MNI152 slices, T2 → T1.
 
-R (VoxelMorph-1 U-Net, dense field) and T (U-Net, T2-like → T1) trained jointly with the translate-first and
-register-first L1 reconstructions plus diffusion (``jaxreg.methods.translation``); the baselines train the same R
-with NCC or MI directly across the modalities. Pairs: ``synthetic.mni_slice_pair(contrast="t2")`` (fixed T1 slice,
-moving T2-like slice of the same anatomy deformed, known field), 80×96 at 2 mm; test pairs from another seed.
+R (VoxelMorph-1 U-Net, dense field; ``model.registration="affine"``: CNN encoder + affine head) and T (U-Net,
+T2-like → T1) trained jointly with the translate-first and register-first L1 reconstructions plus diffusion
+(``jaxreg.methods.translation``); the baselines train the same R with NCC or MI directly across the modalities
+(``objective``). Pairs: ``synthetic.mni_slice_pair(contrast="t2")`` (fixed T1 slice, moving T2-like slice of the same
+anatomy, random affine + smooth deformation, known field), 80×96 at 2 mm; test pairs from another seed.
 
     python train.py    --config configs/translation.py --workdir runs/translation
     python train.py    --config configs/translation.py --workdir runs/translation_ncc --config.objective=ncc
     python train.py    --config configs/translation.py --workdir runs/translation_mi  --config.objective=mi
     python evaluate.py --config configs/translation.py --workdir runs/translation   # runs/translation/eval/
 
-``--config.model.registration=affine`` trains the affine variant of R; ``configs/translation.py:3d`` scales to 3-D
-MNI pairs (``synthetic.mni_pair(contrast="t2")``, 80×96×80 at 2 mm, GPU-sized; no known field there, so Dice only).
+Affine variant: the same four commands with ``--config.model.registration=affine`` and workdirs
+``runs/translation_affine``, ``runs/translation_affine_ncc``, ``runs/translation_affine_mi``.
+``configs/translation.py:3d`` scales to 3-D MNI pairs (``synthetic.mni_pair(contrast="t2")``, 80×96×80 at 2 mm,
+batch 1; GPU-sized: checked on 2 CPU cores with ``--config.train.steps=2``, about 45 s per step, 4 s per inference;
+``mni_pair`` returns no true field, so the 3-D table has Dice but no TRE).
 
-Expected result: see RESULTS below (filled from the measured run).
+Measured (1500 steps of 4 pairs each; 20 held-out pairs, 100 label-boundary landmarks each; mean ± std over pairs;
+three trainings at a time on a shared 2-core CPU: 17 min for the translation run, 11-12 min for each baseline):
+
+| R trained with | dense: TRE (mm) | dense: Dice | affine: TRE (mm) | affine: Dice |
+| --- | --- | --- | --- | --- |
+| no registration | 8.83 ± 2.55 | 0.511 | 8.83 ± 2.55 | 0.511 |
+| translation (this method) | 4.22 ± 1.50 | 0.712 | 2.83 ± 0.65 | 0.725 |
+| NCC | 13.61 ± 1.67 | 0.316 | 73.6 ± 8.5 | 0.300 |
+| MI | 3.53 ± 1.10 | 0.733 | 2.47 ± 0.32 | 0.741 |
+| classical engine (``multimodal`` preset) | 0.99 ± 0.17 | 0.863 | | |
+
+The method beats NCC, which fails on the inverted T1/T2 contrast (worse than no registration), but not MI. Trained
+to 3000 steps (``--config.train.steps=3000``, both runs) the gap stays: translation 3.33 ± 1.15 mm, MI 2.42 ± 0.71 mm
+(T L1, ``mean |T(warp(I_a, true field)) − I_b|``, 0.042 → 0.032). Why, we think: (1) the T2-like image is rendered
+from the same three tissue maps as the T1, so its joint histogram with T1 is close to a function, the case MI is
+made for (the paper's gains are on modality pairs where cross-modal metrics fail); (2) without the paper's
+adversarial term T is an L1 fit to a target misaligned by R's current error, so its output is blurred (see the
+figures in ``WORKDIR/eval/figures``) and R's translate-first signal is a blurred image against a sharp one; T
+sharpens only as R improves. The classical engine, optimising each pair, is far ahead of every network here.
 """
 import ml_collections
 

@@ -8,9 +8,12 @@ registration network R predicts ``φ`` from ``(I_a, I_b)`` and a translation net
   ``L = w_tf ‖warp(T(I_a), φ) − I_b‖₁ + w_rf ‖T(warp(I_a, φ)) − I_b‖₁ + λ reg(φ)``
   (translate-first and register-first reconstructions; ‖·‖₁ is the mean absolute difference over voxels). T only
   sees ``I_a``, so it cannot undo the pair's deformation, and the register-first path punishes any fixed geometric
-  change T makes: T is pushed to translate intensities and keep geometry, R to register. No adversarial term: the
-  paper adds one to make T's output look like modality B; here T's target is the real ``I_b`` through the two
-  reconstruction paths, and it was not needed (see ``configs/translation.py`` for what was measured).
+  change T makes: T is pushed to translate intensities and keep geometry, R to register. The paper's adversarial
+  term (a discriminator making T's output look like modality B) is not implemented: T's target is the real
+  ``I_b`` through the two reconstruction paths. Without it T's output stays blurred while R is inaccurate (an L1
+  fit to a target still misaligned by R's error), which limits the method here (``configs/translation.py``).
+  ``loss.register_first_updates_r=False`` puts φ under ``stop_gradient`` in the register-first path, so that path
+  trains T only.
 * any other name of ``losses.SIMILARITIES`` (``"ncc"``, ``"mi"``, ``"lncc"``, ``"nmi"``, ``"ngf"``, ...): the
   baseline, R alone with ``L = sim(I_b, warp(I_a, φ)) + λ reg(φ)`` directly across the two modalities (T's
   parameters exist but are unused).

@@ -415,11 +415,16 @@ def folding(u):
     return jnp.mean(jax.nn.relu(-jacobian_determinant(u)))
 
 
+def learned(fixed, warped, **options):
+    """The learned CNN metric (Simonovsky et al. 2016), ``jaxreg.methods.learned_metric.metric``, imported on first
+    use (it loads a trained model). Options: ``checkpoint=PATH`` (required), ``mask``, ``stride``, ``form``."""
+    from jaxreg.methods import learned_metric
+
+    return learned_metric.metric(fixed, warped, **options)
+
+
 SIMILARITIES = {
     "mse": mse, "ssd": mse, "ncc": ncc, "lncc": local_ncc, "mi": mutual_information, "nmi": nmi,
-    "mind": mind_loss, "ngf": ngf,
-    # learned CNN metric (Simonovsky et al. 2016), imported on first use; options: checkpoint=PATH, stride, form
-    "learned": lambda fixed, warped, **options: __import__(
-        "jaxreg.methods.learned_metric", fromlist=["metric"]).metric(fixed, warped, **options),
+    "mind": mind_loss, "ngf": ngf, "learned": learned,
 }
 REGULARIZERS = {"diffusion": diffusion, "bending": bending_energy, "folding": folding}

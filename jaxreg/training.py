@@ -179,10 +179,19 @@ def make_train_step(model, tx, loss: LossConfig, augment: augment_lib.AugmentCon
 
 
 def check_finite(metrics, step: int) -> None:
-    """Raise ``FloatingPointError`` naming ``step`` and the first non-finite term of a step's ``metrics``."""
+    """Raise ``FloatingPointError`` naming ``step`` and the first non-finite term of a step's ``metrics``.
+
+    ``metrics`` holds a boolean ``finite`` and scalar terms; they are checked in order (the registration loss's
+    ``similarity``, ``regularizer``, ``dice`` first when present, then any other term, then ``loss`` and
+    ``grad_norm``), so other methods' train steps can use it with their own term names.
+    """
     if bool(metrics["finite"]):
         return
-    for name in ("similarity", "regularizer", "dice", "loss", "grad_norm"):
+    first, last = ("similarity", "regularizer", "dice"), ("loss", "grad_norm")
+    names = [n for n in first if n in metrics]
+    names += [n for n in metrics if n not in first + last + ("finite",) and jnp.ndim(metrics[n]) == 0]
+    names += [n for n in last if n in metrics]
+    for name in names:
         value = float(metrics[name])
         if not math.isfinite(value):
             what = "gradient (global norm)" if name == "grad_norm" else f"{name} term"

@@ -340,14 +340,6 @@ def make_train_step(model, tx):
     return jax.jit(train_step, donate_argnums=0)
 
 
-def _check_finite(metrics_, step: int) -> None:
-    if bool(metrics_["finite"]):
-        return
-    what = "loss" if not math.isfinite(float(metrics_["loss"])) else "gradient (global norm)"
-    raise FloatingPointError(f"training stopped: non-finite {what} at step {step}; the state was left at step "
-                             f"{step - 1}. Lower train.learning_rate or set train.grad_clip")
-
-
 class Batches:
     """Deterministic patch batches from prepared pairs: ``batch(step)`` draws with ``default_rng([seed, step])``."""
 
@@ -418,7 +410,7 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
             for step in range(start, last):
                 state, m = step_fn(state, training.shard_batch(batches.batch(step), mesh))
                 done = step + 1
-                _check_finite(m, done)
+                training.check_finite(m, done)
                 if done % int(t.log_every) == 0 or done == last:
                     now = time.perf_counter()
                     row = {"step": done, "loss": float(m["loss"]), "epe": float(m["epe"]),

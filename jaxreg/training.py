@@ -262,12 +262,64 @@ def restore_checkpoint(manager, template: TrainState, step: int | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _log_row(step, metrics, seconds):
-    row = {"step": step}
-    for k in ("loss", "similarity", "regularizer", "dice", "grad_norm"):
-        row[k] = float(metrics[k])
-    row["steps_per_s"] = seconds
-    return row
+def run_loop(state, step_fn, *, start: int, stop: int, total: int, manager, log_path, columns, log_every: int,
+             checkpoint_every: int, progress: bool = True, desc: str = "train", postfix=("loss",)):
+    """Run steps ``start <= step < stop`` as ``state, metrics = step_fn(state, step)``; the loop of every ``fit``.
+
+    After a step (``done = step + 1`` steps done; ``state.step == done``):
+
+    - every ``log_every`` steps and at ``stop``, a row ``{"step": done, <each name in columns>: float,
+      "steps_per_s": float}`` is appended to ``log_path`` (JSON lines) and the ``postfix`` terms shown on a tqdm bar
+      of ``total`` steps (when ``progress``);
+    - every ``checkpoint_every`` steps and at ``stop``, ``state`` is saved to ``manager`` (orbax, forced);
+    - ``check_finite(metrics, done)`` raises ``FloatingPointError`` on a non-finite step. The host reads a step's
+      ``finite`` flag only after dispatching the next step (at once at log and checkpoint steps), so it does not
+      wait on the device between steps, and a non-finite step stops the run before any later state is saved.
+
+    ``metrics`` must hold ``finite`` and the ``columns`` terms. Closes ``manager`` and the bar, also on error.
+    Returns the final state.
+    """
+    bar = None
+    if progress and start < stop:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=desc, unit="step", leave=False)
+    tick, since = time.perf_counter(), start
+    pending = None  # (metrics, done) of the last step, checked once the next one has been dispatched
+    try:
+        with open(log_path, "a") as log:
+            for step in range(start, stop):
+                state, metrics = step_fn(state, step)
+                if pending is not None:
+                    check_finite(*pending)
+                done = step + 1
+                pending = (metrics, done)
+                if done % log_every == 0 or done == stop:
+                    check_finite(metrics, done)
+                    now = time.perf_counter()
+                    row = {"step": done, **{n: float(metrics[n]) for n in columns},
+                           "steps_per_s": (done - since) / max(now - tick, 1e-9)}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    tick, since = now, done
+                    if bar is not None:
+                        bar.set_postfix({n: f"{row[n]:.4f}" for n in postfix})
+                if bar is not None:
+                    bar.update(1)
+                if done % checkpoint_every == 0 or done == stop:
+                    check_finite(metrics, done)
+                    save_checkpoint(manager, state, force=True)
+            if pending is not None:
+                check_finite(*pending)
+    finally:
+        if bar is not None:
+            bar.close()
+        manager.close()
+    return state
+
+
+# the terms of a ``fit`` log row (metrics.jsonl), between ``step`` and ``steps_per_s``
+LOG_COLUMNS = ("loss", "similarity", "regularizer", "dice", "grad_norm")
 
 
 def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
@@ -278,10 +330,9 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     anything is compiled. ``stop_at`` ends the run early after that step (saving a checkpoint), as a kill would.
     ``config.data.augment`` (optional; ``jaxreg.data.augment.default_config()``) with ``enabled`` augments every
     batch inside the jitted step with the step's key; with ``config.data.fixed_as_moving`` on a dataset whose fixed
-    image never changes, one batch is placed on the devices for the whole run (no loader). The host reads a step's
-    ``finite`` flag only after dispatching the next step (and at log and checkpoint steps), so it never waits on
-    the device between steps; a non-finite step raises ``FloatingPointError`` naming it before any later state is
-    saved. Returns the final ``TrainState``.
+    image never changes, one batch is placed on the devices for the whole run (no loader). The loop is
+    ``run_loop``: a non-finite step raises ``FloatingPointError`` naming it before any later state is saved.
+    Returns the final ``TrainState``.
     """
     from jaxreg.data import datasets
 
@@ -303,55 +354,23 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     start = int(state.step)
     last = t.steps if stop_at is None else min(stop_at, t.steps)
     step_key = jax.random.fold_in(key, 1)
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", leave=False)
+    loader = None
     if getattr(dataset, "constant", False):  # every batch is the same (FixedAsMoving): place it once
-        loader = None
         device_batch = shard_batch(datasets.make_batch(dataset, 0, t.batch_size), mesh)
-        batches = ((step, device_batch) for step in range(start, last))
+        next_batch = lambda: device_batch
     else:
         loader = datasets.Loader(dataset, batch_size=t.batch_size, seed=config.seed, start=start, stop=last,
                                  prefetch=t.get("prefetch", 2))
-        batches = ((step, shard_batch(batch, mesh)) for step, batch in loader)
-    tick, since = time.perf_counter(), start
-    pending = None  # (metrics, step) of the last step, checked once the next one has been dispatched
+        batches = iter(loader)  # yields (step, batch) for start <= step < last, in order
+        next_batch = lambda: shard_batch(next(batches)[1], mesh)
     try:
-        with open(log_path, "a") as log:
-            for step, batch in batches:  # step counts from 0; the state after it has state.step == step + 1
-                state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
-                # The previous step's finiteness is read while this one runs: no device->host wait between steps.
-                # A non-finite step still stops the run (one step later) before anything after it is saved.
-                if pending is not None:
-                    check_finite(*pending)
-                done = step + 1
-                pending = (metrics, done)
-                if done % t.log_every == 0 or done == last:
-                    check_finite(metrics, done)
-                    now = time.perf_counter()
-                    row = _log_row(done, metrics, (done - since) / max(now - tick, 1e-9))
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    tick, since = now, done
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if bar is not None:
-                    bar.update(1)
-                if done % t.checkpoint_every == 0 or done == last:
-                    check_finite(metrics, done)
-                    save_checkpoint(manager, state, force=True)
-            if pending is not None:
-                check_finite(*pending)
+        return run_loop(state, lambda s, step: step_fn(s, next_batch(), jax.random.fold_in(step_key, step)),
+                        start=start, stop=last, total=t.steps, manager=manager,
+                        log_path=os.path.join(workdir, "metrics.jsonl"), columns=LOG_COLUMNS,
+                        log_every=t.log_every, checkpoint_every=t.checkpoint_every, progress=progress)
     finally:
         if loader is not None:
             loader.close()
-        if bar is not None:
-            bar.close()
-        manager.close()
-    return state
 
 
 @functools.lru_cache(maxsize=8)

@@ -191,6 +191,23 @@ def test_learned_metric_through_the_engine_and_evaluate(trained, tmp_path):
         assert 0 <= row["jaccard_mean"] <= row["dice_mean"] <= 1, row  # J = D / (2 - D) <= D
 
 
+def test_nonfinite_training_step_names_variant_step_and_term(tmp_path, monkeypatch):
+    import optax
+
+    def nan_step(state, data, key):  # a step whose loss diverged at step 2 (no compilation)
+        bad = int(state.step) == 1
+        metrics = {n: jnp.asarray(1.0) for n in lm.LOG_COLUMNS}
+        metrics.update(loss=jnp.asarray(np.nan if bad else 0.5), finite=jnp.asarray(not bad))
+        return state.replace(step=state.step + 1), metrics
+
+    monkeypatch.setattr(lm, "_cached_step", lambda *args: (optax.sgd(0.1), nan_step))
+    config = _config()
+    config.train.steps, config.train.checkpoint_every = 4, 2
+    with pytest.raises(FloatingPointError, match=r"learned metric k=3: .*non-finite loss term \(nan\) at step 2;"):
+        lm.fit(config, str(tmp_path), progress=False)
+    assert not os.path.exists(os.path.join(lm.variant_dir(tmp_path, 3), "checkpoints", "2"))  # nothing after it saved
+
+
 def test_bad_checkpoint_path_is_named(tmp_path):
     f = jnp.zeros((16, 16))
     missing = str(tmp_path / "no_such_model")

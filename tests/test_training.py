@@ -117,6 +117,38 @@ def test_nonfinite_loss_names_step_and_term(setup):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)))
 
 
+def _toy_loop(tmp_path, *, start, stop, nan_at=None):
+    """``run_loop`` over a toy step (params count the steps; ``nan_at`` reports a non-finite loss), no compilation."""
+    manager = training.checkpoint_manager(tmp_path / "ckpt", save_every=3, keep=10)
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(2)}, opt_state=())
+    state = training.restore_checkpoint(manager, state) or state
+
+    def step_fn(state, step):
+        bad = step + 1 == nan_at
+        metrics = {"loss": jnp.asarray(np.nan if bad else float(step)), "finite": jnp.asarray(not bad),
+                   "grad_norm": jnp.asarray(1.0)}
+        return state.replace(step=state.step + 1, params={"w": state.params["w"] + 1}), metrics
+
+    out = training.run_loop(state, step_fn, start=start, stop=stop, total=7, manager=manager,
+                            log_path=tmp_path / "log.jsonl", columns=("loss", "grad_norm"), log_every=2,
+                            checkpoint_every=3, progress=False)
+    return out
+
+
+def test_run_loop_logs_checkpoints_resumes_and_stops_on_nonfinite(tmp_path):
+    assert int(_toy_loop(tmp_path, start=0, stop=5).step) == 5  # as stop_at=5 of 7 steps
+    state = _toy_loop(tmp_path, start=5, stop=7)  # resumed from the step-5 checkpoint
+    assert int(state.step) == 7 and float(state.params["w"][0]) == 7
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4, 5, 6, 7]  # every log_every steps and at each stop
+    assert list(rows[0]) == ["step", "loss", "grad_norm", "steps_per_s"] and rows[1]["loss"] == 3.0
+    assert training.checkpoint_manager(tmp_path / "ckpt").all_steps() == [3, 5, 6, 7]
+    # step 5 is not finite: found once step 6 is dispatched, before step 6 (a checkpoint step) is saved
+    with pytest.raises(FloatingPointError, match=r"non-finite loss term \(nan\) at step 5;"):
+        _toy_loop(tmp_path / "nan", start=0, stop=7, nan_at=5)
+    assert training.checkpoint_manager(tmp_path / "nan" / "ckpt").all_steps() == [3]
+
+
 def _dice(model, params, ds, n):
     predict = training.make_predict(model)
     scores = {"identity": [], "network": []}

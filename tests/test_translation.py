@@ -128,6 +128,7 @@ def test_reconstruction_losses_as_written(rng):
     np.testing.assert_allclose(float(terms["translate_first"]), tf, rtol=2e-4)
     np.testing.assert_allclose(float(terms["register_first"]), rf, rtol=2e-4)
     np.testing.assert_allclose(float(terms["loss"]), tf + 0.5 * rf, rtol=2e-4)  # affine: no regulariser
+    assert set(terms) == {"similarity", "translate_first", "register_first", "regularizer", "loss"}  # no dummy dice
     assert abs(tf - rf) > 1e-3  # the two paths differ: T does not commute with the warp
 
     # dense R with a non-trivial field: the regulariser enters with its weight

@@ -411,6 +411,9 @@ def _write_json_atomic(path, obj):
     atomic_write(path, write)
 
 
+LOG_COLUMNS = ("loss", "accuracy", "score_pos", "score_neg", "grad_norm")  # metrics.jsonl, with step and steps_per_s
+
+
 def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     """Train one metric per ``k`` in ``config.train.ks`` under ``workdir/k{k}``; resume from saved checkpoints.
 
@@ -437,6 +440,7 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     key = jax.random.key(int(config.seed), impl="rbg")
     step_key = jax.random.fold_in(key, 1)
     patch = (model.patch_size,) * ndim
+    last = int(t.steps) if stop_at is None else min(int(stop_at), int(t.steps))
     state = None
     for k in ks:
         vdir = variant_dir(workdir, k)
@@ -456,41 +460,15 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
         if restored is not None:
             state = restored
         state = jax.device_put(state, jax.devices()[0])  # fresh and restored states alike: one compiled step
-        start = int(state.step)
-        last = int(t.steps) if stop_at is None else min(int(stop_at), int(t.steps))
-        bar = None
-        if progress and start < last:
-            from tqdm import tqdm
-
-            bar = tqdm(total=int(t.steps), initial=start, desc=f"k={k}", unit="step", leave=False)
-        tick, since = time.perf_counter(), start
+        one_step = lambda s, step: step_fn(s, data, jax.random.fold_in(step_key, step))
         try:
-            with open(os.path.join(vdir, "metrics.jsonl"), "a") as log:
-                for step in range(start, last):
-                    state, metrics = step_fn(state, data, jax.random.fold_in(step_key, step))
-                    done = step + 1
-                    if not bool(metrics["finite"]):
-                        raise FloatingPointError(
-                            f"learned metric k={k}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
-                            f"({float(metrics['grad_norm'])}) at step {done}; the state was left at step {done - 1}. "
-                            f"Lower train.learning_rate or set train.grad_clip")
-                    if done % int(t.log_every) == 0 or done == last:
-                        now = time.perf_counter()
-                        row = {"step": done, **{n: float(metrics[n]) for n in
-                                                ("loss", "accuracy", "score_pos", "score_neg", "grad_norm")},
-                               "steps_per_s": (done - since) / max(now - tick, 1e-9)}
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                        tick, since = now, done
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-                    if bar is not None:
-                        bar.update(1)
-                    training.save_checkpoint(manager, state, force=done == last)
-        finally:
-            if bar is not None:
-                bar.close()
-            manager.close()
+            state = training.run_loop(state, one_step, start=int(state.step), stop=last, total=int(t.steps),
+                                      manager=manager, log_path=os.path.join(vdir, "metrics.jsonl"),
+                                      columns=LOG_COLUMNS, log_every=int(t.log_every),
+                                      checkpoint_every=int(t.checkpoint_every), progress=progress, desc=f"k={k}",
+                                      postfix=("loss", "accuracy"))
+        except FloatingPointError as err:  # which variant: the message names the step and the term
+            raise FloatingPointError(f"learned metric k={k}: {err}") from err
     return state
 
 

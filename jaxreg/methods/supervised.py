@@ -397,37 +397,12 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     restored = training.restore_checkpoint(manager, state)
     if restored is not None:
         state = restored
-    start = int(state.step)
     last = int(t.steps) if stop_at is None else min(int(stop_at), int(t.steps))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=int(t.steps), initial=start, desc="train", unit="step", leave=False)
-    tick, since = time.perf_counter(), start
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
-            for step in range(start, last):
-                state, m = step_fn(state, training.shard_batch(batches.batch(step), mesh))
-                done = step + 1
-                training.check_finite(m, done)
-                if done % int(t.log_every) == 0 or done == last:
-                    now = time.perf_counter()
-                    row = {"step": done, "loss": float(m["loss"]), "epe": float(m["epe"]),
-                           "grad_norm": float(m["grad_norm"]), "steps_per_s": (done - since) / max(now - tick, 1e-9)}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    tick, since = now, done
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", epe=f"{row['epe']:.3f}")
-                if bar is not None:
-                    bar.update(1)
-                training.save_checkpoint(manager, state, force=done == last)
-    finally:
-        if bar is not None:
-            bar.close()
-        manager.close()
-    return state
+    return training.run_loop(state, lambda s, step: step_fn(s, training.shard_batch(batches.batch(step), mesh)),
+                             start=int(state.step), stop=last, total=int(t.steps), manager=manager,
+                             log_path=os.path.join(workdir, "metrics.jsonl"), columns=("loss", "epe", "grad_norm"),
+                             log_every=int(t.log_every), checkpoint_every=int(t.checkpoint_every), progress=progress,
+                             postfix=("loss", "epe"))
 
 
 def load_trained(config, workdir, ndim: int, *, step: int | None = None):

@@ -182,7 +182,7 @@ def l1(a, b):
 def example_terms(params, model, moving, fixed, spec: LossSpec) -> dict:
     """Loss terms of one unbatched pair (``moving`` = ``I_a``, ``fixed`` = ``I_b``, ``(*S)``): ``similarity``
     (weighted reconstruction sum, or the baseline similarity), ``translate_first``, ``register_first`` (0 for
-    baselines), ``regularizer``, ``dice`` (always 0) and ``loss``."""
+    baselines), ``regularizer`` and ``loss``."""
     zero = jnp.zeros((), moving.dtype)
     if spec.objective == "translation":
         out = model.apply(params, moving, fixed, method=tmodels.TranslationRegistration.register)
@@ -197,7 +197,7 @@ def example_terms(params, model, moving, fixed, spec: LossSpec) -> dict:
         tf = rf = zero
     field = out.get("velocity")  # dense R only; the affine variant is not regularised
     reg = losses.REGULARIZERS[spec.regularizer](field) if spec.regularizer and field is not None else zero
-    return {"similarity": sim, "translate_first": tf, "register_first": rf, "regularizer": reg, "dice": zero,
+    return {"similarity": sim, "translate_first": tf, "register_first": rf, "regularizer": reg,
             "loss": sim + spec.reg_weight * reg}
 
 
@@ -237,6 +237,9 @@ def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, 
 
 
 # ------------------------------------------------------------------------------------------------------- fit
+LOG_COLUMNS = ("loss", "similarity", "translate_first", "register_first", "regularizer", "grad_norm")  # metrics.jsonl
+
+
 def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     """Train R (and T for ``objective="translation"``) in ``workdir``; resume from its latest checkpoint.
 
@@ -264,39 +267,21 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     start = int(state.step)
     last = t.steps if stop_at is None else min(stop_at, t.steps)
     step_key = jax.random.fold_in(key, 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, desc=f"train ({spec.objective})", unit="step", leave=False)
     loader = datasets.Loader(dataset, batch_size=t.batch_size, start=start, stop=last, prefetch=t.get("prefetch", 2))
-    tick, since = time.perf_counter(), start
+    batches = iter(loader)  # yields (step, batch) for start <= step < last, in order
+
+    def one_step(state, step):
+        batch = next(batches)[1]
+        batch = training.shard_batch({k: batch[k] for k in ("moving", "fixed")}, mesh)
+        return step_fn(state, batch, jax.random.fold_in(step_key, step))
+
     try:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
-            for step, batch in loader:
-                batch = {k: batch[k] for k in ("moving", "fixed")}
-                state, m = step_fn(state, training.shard_batch(batch, mesh), jax.random.fold_in(step_key, step))
-                training.check_finite(m, step + 1)
-                done = step + 1
-                if done % t.log_every == 0 or done == last:
-                    now = time.perf_counter()
-                    row = {"step": done, **{k: float(m[k]) for k in ("loss", "similarity", "translate_first",
-                                                                     "register_first", "regularizer", "grad_norm")},
-                           "steps_per_s": (done - since) / max(now - tick, 1e-9)}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    tick, since = now, done
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if bar is not None:
-                    bar.update(1)
-                training.save_checkpoint(manager, state, force=done == last)
+        return training.run_loop(state, one_step, start=start, stop=last, total=t.steps, manager=manager,
+                                 log_path=os.path.join(workdir, "metrics.jsonl"), columns=LOG_COLUMNS,
+                                 log_every=t.log_every, checkpoint_every=t.checkpoint_every, progress=progress,
+                                 desc=f"train ({spec.objective})")
     finally:
         loader.close()
-        if bar is not None:
-            bar.close()
-        manager.close()
-    return state
 
 
 def load_trained(config, workdir, shape, *, step: int | None = None):

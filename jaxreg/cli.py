@@ -68,10 +68,11 @@ def _register_options(r):
     r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf, learned "
                                     "[preset: lncc; multimodal: ngf]")
     r.add_argument("--metric-checkpoint", help="model folder of a trained learned metric (WORKDIR/k<K> of "
-                                               "configs/learned_metric.py), for --metric/--affine-metric learned")
+                                               "configs/learned_metric.py), for the stage(s) using learned "
+                                               "(--metric and/or --affine-metric)")
     r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")
-    r.add_argument("--window", type=int, help="local NCC window (voxels) [5]")
-    r.add_argument("--bins", type=int, help="MI histogram bins [32]")
+    r.add_argument("--window", type=int, help="local NCC window (voxels) of the stage(s) using lncc [5]")
+    r.add_argument("--bins", type=int, help="MI histogram bins of the stage(s) using mi or nmi [32]")
     r.add_argument("--levels", type=int, nargs="+", help="deformable pyramid factors, coarse to fine [4 2 1]")
     r.add_argument("--iterations", type=int, nargs="+", help="max iterations per deformable level [100 80 40]")
     r.add_argument("--affine-levels", type=int, nargs="+", help="parametric pyramid factors [4 2]")
@@ -112,30 +113,44 @@ def _options_from_args(args) -> dict:
         value = getattr(args, name)
         if value is not None:
             opts[name] = tuple(value)
-    metric_options = dict(opts.get("metric_options") or {})
+    # Each stage's similarity options. A preset's metric_options belong to the preset's metric; the parametric stage
+    # starts from the deformable stage's options when both use the same metric, else from none (the engine's rule
+    # for affine_metric_options=None); --window, --bins and --metric-checkpoint go to every stage they apply to.
     metric = opts.get("metric", "lncc")
-    if args.window is not None:
-        if metric != "lncc":
-            raise ValueError(f"--window applies to --metric lncc, not {metric!r}")
-        metric_options["window"] = args.window
-    if args.bins is not None:
-        if metric not in ("mi", "nmi"):
-            raise ValueError(f"--bins applies to --metric mi or nmi, not {metric!r}")
-        metric_options["bins"] = args.bins
-    if metric_options:
-        opts["metric_options"] = metric_options
-    if metric != "lncc" and "window" in metric_options:
-        metric_options.pop("window")
-        opts["metric_options"] = metric_options
     affine_metric = opts.get("affine_metric") or metric
+    preset = preset_options(args.preset)
+    preset_metric = preset.get("metric", "lncc")
+    deform = dict(preset.get("metric_options") or {}) if metric == preset_metric else {}
+    affine = dict(deform) if affine_metric == metric else {}
+    preset_affine_metric = preset.get("affine_metric") or preset_metric
+    if preset.get("affine_metric_options") is not None and affine_metric == preset_affine_metric:
+        affine = dict(preset["affine_metric_options"])
+    stages = ((metric, deform), (affine_metric, affine))
+    for flag, key, value, takes in (("--window", "window", args.window, ("lncc",)),
+                                    ("--bins", "bins", args.bins, ("mi", "nmi"))):
+        if value is not None:
+            used = [o for name, o in stages if name in takes]
+            if not used:
+                raise ValueError(f"{flag} applies to a stage using {' or '.join(takes)}; got --metric {metric} and "
+                                 f"affine metric {affine_metric}")
+            for o in used:
+                o[key] = value
     if args.metric_checkpoint is not None or "learned" in (metric, affine_metric):
         if args.metric_checkpoint is None:
             raise ValueError("--metric learned / --affine-metric learned needs --metric-checkpoint PATH")
-        if metric != "learned" or affine_metric != "learned":
-            # the engine passes metric_options to the parametric stage when its own options are empty
-            raise ValueError(f"--metric-checkpoint needs --metric learned for both stages (got --metric {metric}, "
-                             f"affine metric {affine_metric})")
-        opts["metric_options"] = {"checkpoint": args.metric_checkpoint}
+        if "learned" not in (metric, affine_metric):
+            raise ValueError(f"--metric-checkpoint applies to --metric learned or --affine-metric learned; got "
+                             f"--metric {metric} and affine metric {affine_metric}")
+        for name, o in stages:
+            if name == "learned":
+                o.clear()
+                o["checkpoint"] = args.metric_checkpoint
+    opts.pop("metric_options", None)
+    opts.pop("affine_metric_options", None)
+    if deform:
+        opts["metric_options"] = deform
+    if affine != (deform if affine_metric == metric else {}):  # else affine_metric_options=None does the same
+        opts["affine_metric_options"] = affine
     return opts
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -292,6 +293,15 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
     for name, m in (("metric", metric), ("affine_metric", affine_metric)):
         if m is not None and m not in losses.SIMILARITIES:
             raise ValueError(f"{name} must be one of {sorted(losses.SIMILARITIES)}, got {m!r}")
+    for name, o in (("metric_options", metric_options), ("affine_metric_options", affine_metric_options)):
+        if o is not None and not isinstance(o, Mapping):
+            raise ValueError(f"{name} must be a dict of keyword options (or None), got {type(o).__name__} {o!r}")
+    # None means "unset" for both affine settings (an empty dict is an explicit "no options"): the parametric stage
+    # uses the deformable stage's metric, and that metric's options; a different metric starts from its defaults
+    affine_options = affine_metric_options
+    if affine_options is None:
+        affine_options = (metric_options or {}) if affine_metric is None or affine_metric == metric else {}
+    affine_metric = metric if affine_metric is None else affine_metric
     if regularizer is not None and regularizer not in losses.REGULARIZERS:
         raise ValueError(f"regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got {regularizer!r}")
     if initial_disp is not None and jnp.shape(initial_disp) != fixed.shape + (ndim,):
@@ -328,7 +338,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             data = level_data(factor, None)
             data["scale"] = bcast(jnp.asarray(scale))
             opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, affine_learning_rate, iters)
-            cfg = _Level("affine", transform, affine_metric or metric, tuple(sorted((affine_metric_options or metric_options or {}).items())),
+            cfg = _Level("affine", transform, affine_metric, tuple(sorted(affine_options.items())),
                          None, 0.0, opt, iters, tol, window)
             params, hist = run(params, data, cfg)
             key = f"{transform}@{factor}"
@@ -414,7 +424,9 @@ def register(fixed, moving, **options) -> Result:
         ANTs' greedy SyN: invertible and as cheap as "disp"), "bspline" or None ["disp"].
       metric: any key of ``losses.SIMILARITIES`` for the deformable stage ["lncc"]; metric_options: dict of its
         keyword options (e.g. ``{"window": 7}``, ``{"bins": 32}``).
-      affine_metric, affine_metric_options: the same for the parametric stage [same as ``metric``].
+      affine_metric: the similarity of the parametric stage [None: ``metric``]; affine_metric_options: its options
+        [None: ``metric_options`` when the parametric stage uses ``metric``, else none (the metric's defaults)];
+        ``{}`` always means no options.
       levels, iterations: pyramid factors of the deformable stage, coarse to fine, and max iterations per level
         [(4, 2, 1), (100, 80, 40)]; affine_levels, affine_iterations likewise [(4, 2), (100, 50)].
       regularizer: key of ``losses.REGULARIZERS`` or None ["diffusion"]; reg_weight: its weight [0.3]. For "svf"

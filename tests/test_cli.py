@@ -119,3 +119,43 @@ def _four_d(c):
 
 def _empty_mask(c):
     return _write(c["dir"] / "empty_mask.nii.gz", np.zeros((20, 22, 18), np.float32), c["fixed_affine"])
+
+
+def _parse(*args):
+    return cli._options_from_args(cli._parser().parse_args(["register", "f.nii", "m.nii", "-o", "o", *args]))
+
+
+@pytest.mark.parametrize(
+    "args, metric_options, affine_metric_options",
+    [
+        ([], {"window": 5}, None),  # the preset's lncc options, reused by the parametric lncc stage
+        (["--window", "7"], {"window": 7}, None),
+        # another parametric metric gets its own options only: not the lncc window (a TypeError in MI before)
+        (["--affine-metric", "mi"], {"window": 5}, None),
+        (["--affine-metric", "mi", "--bins", "16", "--window", "3"], {"window": 3}, {"bins": 16}),
+        (["--preset", "multimodal", "--bins", "16"], None, {"bins": 16}),
+        (["--metric", "mi", "--bins", "16"], {"bins": 16}, None),
+        # the learned metric in one stage only (both stages had to be learned before)
+        (["--affine-metric", "learned", "--metric-checkpoint", "ck"], {"window": 5}, {"checkpoint": "ck"}),
+        (["--metric", "learned", "--affine-metric", "mi", "--metric-checkpoint", "ck"], {"checkpoint": "ck"}, None),
+        (["--metric", "learned", "--metric-checkpoint", "ck"], {"checkpoint": "ck"}, None),
+    ],
+)
+def test_similarity_options_go_to_the_stages_they_apply_to(args, metric_options, affine_metric_options):
+    opts = _parse(*args)
+    assert opts.get("metric_options") == metric_options
+    assert opts.get("affine_metric_options") == affine_metric_options
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metric", "ngf", "--bins", "16"], "--bins applies to a stage using mi or nmi; got --metric ngf"),
+        (["--preset", "multimodal", "--window", "3"], "--window applies to a stage using lncc"),
+        (["--metric-checkpoint", "ck"], "--metric-checkpoint applies to --metric learned or --affine-metric learned"),
+        (["--affine-metric", "learned"], "needs --metric-checkpoint PATH"),
+    ],
+)
+def test_similarity_option_misuse_is_a_clear_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        _parse(*args)

@@ -235,5 +235,8 @@ def test_cli_metric_checkpoint_option():
     assert opts["metric"] == "learned" and opts["metric_options"] == {"checkpoint": "runs/lm/k20"}
     with pytest.raises(ValueError, match="--metric-checkpoint"):
         parse("--metric", "learned")
-    with pytest.raises(ValueError, match="both stages"):
-        parse("--preset", "multimodal", "--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
+    # the parametric stage may use another metric: it then gets its own (default) options, not the checkpoint
+    opts = parse("--preset", "multimodal", "--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
+    assert opts["affine_metric"] == "mi" and opts.get("affine_metric_options") is None
+    with pytest.raises(ValueError, match="--metric-checkpoint applies to"):
+        parse("--metric-checkpoint", "runs/lm/k20")

@@ -125,12 +125,47 @@ def test_instance_optimisation_starts_from_the_given_field():
         ({"fixed_mask": np.ones((8, 16))}, r"fixed_mask must have the image shape"),
         ({"learning_rte": 0.1}, r"unknown option\(s\) \['learning_rte'\]"),
         ({"initial_disp": np.zeros((16, 16, 3))}, r"initial_disp must have shape \(16, 16, 2\)"),
+        ({"affine_metric_options": [("bins", 16)]}, r"affine_metric_options must be a dict"),
     ],
 )
 def test_bad_options_raise(options, message):
     img = np.ones((16, 16), np.float32)
     with pytest.raises(ValueError, match=message):
         optimize.register(img, img, **options)
+
+
+def test_affine_metric_options_none_means_unset_and_empty_means_none(rng, monkeypatch):
+    """affine_metric_options=None: the deformable stage's options when the parametric stage uses the same metric,
+    the metric's defaults when it names another; {} is an explicit "no options" (it used to fall back)."""
+    seen = []
+
+    def level(params, data, cfg):  # records what each parametric level would optimise, without compiling it
+        seen.append((cfg.metric, dict(cfg.metric_options)))
+        return params, jnp.zeros(cfg.max_iter, params.dtype)
+
+    monkeypatch.setattr(optimize, "_run_level_jit", level)
+    img = _blobs(rng, (16, 16))
+    quick = dict(transform="translation", deformable=None, affine_levels=(2, 1), metric="lncc",
+                 metric_options={"window": 3})
+    cases = [  # (affine options, what both parametric levels must use)
+        (dict(), ("lncc", {"window": 3})),
+        (dict(affine_metric_options=None), ("lncc", {"window": 3})),
+        (dict(affine_metric_options={}), ("lncc", {})),
+        (dict(affine_metric_options={"window": 5}), ("lncc", {"window": 5})),
+        (dict(affine_metric="lncc", affine_metric_options={}), ("lncc", {})),
+        (dict(affine_metric="lncc"), ("lncc", {"window": 3})),
+        (dict(affine_metric="mi"), ("mi", {})),
+        (dict(affine_metric="mi", affine_metric_options={"bins": 16}), ("mi", {"bins": 16})),
+    ]
+    for affine, expected in cases:
+        seen.clear()
+        optimize.register(img, img, **quick, **affine)
+        assert seen == [expected, expected], (affine, seen)
+    monkeypatch.undo()
+    # end to end: a preset's deformable options (lncc window) no longer reach another parametric metric (TypeError)
+    out = optimize.register(img, img, **{**optimize.PRESETS["affine"], "affine_metric": "mi"}, affine_levels=(1,),
+                            affine_iterations=(2,))
+    assert np.isfinite(np.asarray(out.history["affine@1"])).all()
 
 
 def test_mismatched_images_raise():

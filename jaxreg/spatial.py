@@ -96,7 +96,38 @@ def _coords(points, on_grid):
     return [jax.lax.broadcasted_iota(points.dtype, shape, k) + points[..., k] for k in range(ndim)]
 
 
-def _coords_vjp(image, coords, g, mode, cval):
+def _coords_vjp_corners(image, coords, g, mode, cval):
+    """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)`` from the ``2**ndim`` corners of a
+    padded image, all components from one set of gathers (the GPU path: 1.9x the forward on an H100, where
+    ``_coords_vjp_diffs`` measured 5.2x).
+
+    The image is padded by one voxel (with ``cval``, or its edge for ``"nearest"``) so that clipping each corner
+    index to the padded grid reproduces both modes without masks; gathering from this other array also keeps XLA
+    from merging these gathers with the forward's.
+    """
+    ndim = len(coords)
+    pad = [(1, 1)] * ndim + [(0, 0)]
+    padded = (jnp.pad(image, pad, mode="edge") if mode == "nearest"
+              else jnp.pad(image, pad, constant_values=jnp.asarray(cval, image.dtype)))
+    shape = padded.shape[:-1]
+    channels = image.shape[-1]
+    flat = padded.reshape(-1) if channels == 1 else padded.reshape(-1, channels)
+    g = g[..., 0] if channels == 1 else g
+    lo, frac = _split(coords)
+    grads = [0] * ndim
+    for offset in itertools.product((0, 1), repeat=ndim):
+        index = 0
+        for k, (size, o) in enumerate(zip(shape, offset)):
+            index = index + jnp.clip(lo[k] + (o + 1), 0, size - 1) * int(np.prod(shape[k + 1:]))
+        value = flat[index] * g if channels == 1 else jnp.sum(flat[index] * g, axis=-1)  # (*out,)
+        factors = [f if o else 1 - f for f, o in zip(frac, offset)]
+        for k in range(ndim):
+            term = math.prod(factors[:k] + factors[k + 1:]) * value
+            grads[k] = grads[k] + term if offset[k] else grads[k] - term
+    return jnp.stack(grads, axis=-1)
+
+
+def _coords_vjp_diffs(image, coords, g, mode, cval):
     """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)``, from gathers of difference images.
 
     Component ``k`` is the linear interpolation, over the other axes, of the forward difference of the image along
@@ -109,7 +140,7 @@ def _coords_vjp(image, coords, g, mode, cval):
     """
     channels = image.shape[-1]
     if channels > 1:
-        return sum(_coords_vjp(image[..., c:c + 1], coords, g[..., c:c + 1], mode, cval) for c in range(channels))
+        return sum(_coords_vjp_diffs(image[..., c:c + 1], coords, g[..., c:c + 1], mode, cval) for c in range(channels))
     ndim = len(coords)
     pad = [(1, 1)] * ndim + [(0, 0)]
     padded = (jnp.pad(image, pad, mode="edge") if mode == "nearest"
@@ -140,6 +171,14 @@ def _coords_vjp(image, coords, g, mode, cval):
         component = jnp.where((lower >= 0) & (lower <= shape[k] - 2), total * g[..., 0], 0)
         grad = jax.lax.dynamic_update_slice(grad, component[..., None], (0,) * len(out_shape) + (k,))
     return grad
+
+
+def _coords_vjp(image, coords, g, mode, cval):
+    """The coordinate VJP for this backend: difference images on CPU (3.5-4.6x the forward against 8-14x for the
+    corner form), shared corners elsewhere (XLA:GPU fuses them; 1.9x the forward on an H100)."""
+    if jax.default_backend() == "cpu":
+        return _coords_vjp_diffs(image, coords, g, mode, cval)
+    return _coords_vjp_corners(image, coords, g, mode, cval)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -98,6 +98,18 @@ def test_warp_gradients_equal_map_coordinates_autodiff(rng, shape, mode):
         np.testing.assert_allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_coordinate_vjp_forms_agree(rng, shape, channels):
+    """The CPU (difference images) and GPU (shared corners) coordinate VJPs are the same function."""
+    image = jnp.asarray(rng.random(shape + (channels,)))
+    g = jnp.asarray(rng.standard_normal(shape + (channels,)))
+    coords = list(jnp.moveaxis(spatial.identity_grid(shape) + 4.0 * _off_grid(rng, shape), -1, 0))
+    for mode, cval in (("constant", 0.0), ("constant", 0.7), ("nearest", 0.0)):
+        np.testing.assert_allclose(spatial._coords_vjp_diffs(image, coords, g, mode, cval),
+                                   spatial._coords_vjp_corners(image, coords, g, mode, cval), atol=1e-10)
+
+
 def test_warp_gradient_at_zero_displacement_lies_between_one_sided_differences(rng):
     """Registration starts at u = 0, on grid points: the gradient must not vanish there."""
     shape = (10, 12)

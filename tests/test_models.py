@@ -88,16 +88,20 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_strided_conv_matches_xla_and_its_gradient(ndim, rng):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_matches_xla_same_convolution_and_its_gradient(ndim, stride, rng):
+    """``unet.conv`` (on CPU: 3-D as depth-tap 2-D convolutions) equals XLA's SAME convolution, odd sizes too."""
     from jaxreg.models import unet
 
-    shape = (1,) + (8, 6, 4)[:ndim] + (3,)
-    x = jnp.asarray(rng.standard_normal(shape))
-    w = jnp.asarray(rng.standard_normal((3,) * ndim + (3, 5)))
-    np.testing.assert_allclose(unet.strided_conv(x, w), unet._conv_s2(x, w), rtol=1e-10)
-    np.testing.assert_allclose(unet._conv_s2_space_to_depth(x, w), unet._conv_s2(x, w), rtol=1e-10, atol=1e-12)
-    g = jnp.asarray(rng.standard_normal(unet._conv_s2(x, w).shape))
-    ours = jax.vjp(unet.strided_conv, x, w)[1](g)
-    ref = jax.vjp(unet._conv_s2, x, w)[1](g)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    for size in ((8, 6, 4), (7, 5, 3)):
+        shape = (2,) + size[:ndim] + (3,)
+        x = jnp.asarray(rng.standard_normal(shape))
+        w = jnp.asarray(rng.standard_normal((3,) * ndim + (3, 5)))
+
+        def ref(x, w):
+            return jax.lax.conv_general_dilated(x, w, (stride,) * ndim, "SAME", dimension_numbers=unet._DN[ndim])
+
+        np.testing.assert_allclose(unet.conv(x, w, stride), ref(x, w), rtol=1e-10, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(ref(x, w).shape))
+        for a, b in zip(jax.vjp(lambda x, w: unet.conv(x, w, stride), x, w)[1](g), jax.vjp(ref, x, w)[1](g)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

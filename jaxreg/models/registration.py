@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxreg import spatial
-from jaxreg.models.unet import PRESETS, UNet
+from jaxreg.models.unet import PRESETS, Conv, UNet
 
 #: Standard deviation of the flow head's initial weights (small: the untrained network is close to identity).
 FLOW_INIT_STD = 1e-5
@@ -60,8 +60,7 @@ class RegistrationNet(nn.Module):
                              f"{fixed.shape}")
         shape = f.shape[:nd]
         x = UNet(nd, tuple(self.encoder), tuple(self.decoder), name="unet")(jnp.concatenate([m, f], axis=-1))
-        flow = nn.Conv(nd, (3,) * nd, kernel_init=nn.initializers.normal(FLOW_INIT_STD), bias_init=nn.initializers.zeros,
-                       name="flow")(x)
+        flow = Conv(nd, nd, kernel_init=nn.initializers.normal(FLOW_INIT_STD), name="flow")(x)
         flow = flow.astype(moving.dtype)
         if self.int_steps > 0:
             v = flow

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxreg import spatial, transforms
 from jaxreg.models.registration import build as build_dense
-from jaxreg.models.unet import DownConv, UNet
+from jaxreg.models.unet import Conv, UNet
 
 #: Registration variants ``build`` knows.
 REGISTRATION_KINDS = ("dense", "affine")
@@ -60,7 +60,7 @@ class TranslationNet(nn.Module):
     def __call__(self, image):
         x = _channels(image, self.ndim, "image")
         y = UNet(self.ndim, tuple(self.encoder), tuple(self.decoder), name="unet")(x)
-        y = nn.Conv(1, (3,) * self.ndim, name="out")(y)
+        y = Conv(1, self.ndim, name="out")(y)
         return y[..., 0].astype(image.dtype)
 
 
@@ -95,7 +95,7 @@ class AffineNet(nn.Module):
             raise ValueError(f"AffineNet: spatial shape {shape} must be divisible by 2**len(encoder) = {factor}")
         x = jnp.concatenate([m, f], axis=-1)
         for i, feat in enumerate(self.encoder):
-            x = nn.leaky_relu(DownConv(feat, nd, name=f"enc{i}")(x), 0.2)
+            x = nn.leaky_relu(Conv(feat, nd, stride=2, name=f"enc{i}")(x), 0.2)
         x = nn.leaky_relu(nn.Dense(self.hidden, name="hidden")(x.reshape(-1)), 0.2)
         p = nn.Dense(nd * nd + nd, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                      name="affine_head")(x).astype(moving.dtype)

@@ -98,8 +98,7 @@ def _coords(points, on_grid):
 
 def _coords_vjp_corners(image, coords, g, mode, cval):
     """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)`` from the ``2**ndim`` corners of a
-    padded image, all components from one set of gathers (the GPU path: 1.9x the forward on an H100, where
-    ``_coords_vjp_diffs`` measured 5.2x).
+    padded image, all components from one set of gathers (the path off CPU).
 
     The image is padded by one voxel (with ``cval``, or its edge for ``"nearest"``) so that clipping each corner
     index to the padded grid reproduces both modes without masks; gathering from this other array also keeps XLA
@@ -174,8 +173,9 @@ def _coords_vjp_diffs(image, coords, g, mode, cval):
 
 
 def _coords_vjp(image, coords, g, mode, cval):
-    """The coordinate VJP for this backend: difference images on CPU (3.5-4.6x the forward against 8-14x for the
-    corner form), shared corners elsewhere (XLA:GPU fuses them; 1.9x the forward on an H100)."""
+    """The coordinate VJP for this backend (BENCHMARKS.md, warp): difference images on CPU (value+grad of SSD(warp)
+    3.6-5.1x the forward, against 5.9-9.3x with the corner form), shared corners elsewhere (2.2-2.4x on an H100,
+    against 5.2x with difference images)."""
     if jax.default_backend() == "cpu":
         return _coords_vjp_diffs(image, coords, g, mode, cval)
     return _coords_vjp_corners(image, coords, g, mode, cval)
@@ -184,7 +184,7 @@ def _coords_vjp(image, coords, g, mode, cval):
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _linear(image, points, on_grid, mode, cval):
     """Linear interpolation of ``image (*S, C)`` at ``_coords(points, on_grid)`` with a custom VJP: the gradient
-    w.r.t. ``points (*out, ndim)`` gathers difference images (no scatter); the image's is the gather's transpose."""
+    w.r.t. ``points (*out, ndim)`` is made of gathers (``_coords_vjp``); the image's is the gather's transpose."""
     return _linear_reference(image, _coords(points, on_grid), mode, cval)
 
 

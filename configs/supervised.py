@@ -36,7 +36,7 @@ def get_config(arg: str = ""):
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "mni_slice"  # mni_slice (2-D, true field) | synthetic (2-D/3-D, true field) | mni (3-D, no field)
+    c.data.kind = "mni_slice"  # mni_slice (2-D, true field) | synthetic (2-D/3-D, true field) | mni (3-D; classical-engine targets)
     c.data.shape = (80, 96)
     c.data.resolution = 2  # mm (mni kinds)
     c.data.contrast = "t1"  # moving contrast (mni kinds): t1 | t2

@@ -15,7 +15,7 @@ Affine variant: the same four commands with ``--config.model.registration=affine
 ``runs/translation_affine``, ``runs/translation_affine_ncc``, ``runs/translation_affine_mi``.
 ``configs/translation.py:3d`` scales to 3-D MNI pairs (``synthetic.mni_pair(contrast="t2")``, 80×96×80 at 2 mm,
 batch 1; GPU-sized: checked on 2 CPU cores with ``--config.train.steps=2``, about 45 s per step, 4 s per inference;
-``mni_pair`` returns no true field, so the 3-D table has Dice but no TRE).
+the 3-D evaluation reports Dice but no TRE: ``mni_pair(return_disp=True)`` now gives the true field, not yet used).
 
 Measured (1500 steps of 4 pairs each; 20 held-out pairs, 100 label-boundary landmarks each; mean ± std over pairs;
 three trainings at a time on a shared 2-core CPU: 17 min for the translation run, 11-12 min for each baseline):

@@ -346,7 +346,7 @@ def mni_pair(
     deform_spacing_mm: float = 16.0,
     bias_scale: float | None = None,
     noise_std: float | None = None,
-    return_disp: bool = True,
+    return_disp: bool = False,
 ) -> dict:
     """A brain registration pair from the MNI152 2009 template (nilearn's packaged copy, read offline).
 
@@ -366,9 +366,9 @@ def mni_pair(
     numerically (Newton's method on a grid a quarter of the deformation's control spacing apart, then quintic-spline
     interpolation): ``|phi(x + disp(x)) - x|`` stayed below 1.1e-3 voxels (2 mm: 5e-4) at 1500 random voxels of
     seeds 0-2. It took 0.8-1.5 s per 2 mm pair and 1-2 s per 1 mm pair (2 shared CPU cores, load 2-3), against
-    about 0.3 s for the rest of a 2 mm pair; ``return_disp=False`` skips it. Near the borders ``x + disp(x)`` may
-    leave the grid (where ``moving`` is 0). Where the inversion fails (a ``deform_scale`` large enough to fold
-    ``phi``) a warning is given and ``disp`` is NaN.
+    about 0.3 s for the rest of a 2 mm pair, so it is computed only with ``return_disp=True``. Near the borders
+    ``x + disp(x)`` may leave the grid (where ``moving`` is 0). Where the inversion fails (a ``deform_scale`` large
+    enough to fold ``phi``) a warning is given and ``disp`` is NaN.
 
     Labels (both images): 0 background, 1 CSF, 2 GM, 3 WM. Brain mask: T1 template non-zero or GM + WM probability
     above 0.5 (at 1 mm; downsampled as a fraction and thresholded at 0.5), holes filled, largest component. Inside
@@ -382,7 +382,7 @@ def mni_pair(
     Returns:
       dict with ``fixed``, ``moving``: ``(X, Y, Z)`` float32; ``fixed_labels``, ``moving_labels``: int32;
       ``affine``: ``(4, 4)`` float64 voxel -> world (RAS+ mm) of the grid both images share; ``spacing``: ``(3,)``
-      float64 mm; ``disp`` (unless ``return_disp=False``): ``(X, Y, Z, 3)`` float32 voxels, pull convention
+      float64 mm; ``disp`` (with ``return_disp=True``): ``(X, Y, Z, 3)`` float32 voxels, pull convention
       ``fixed[x] ≈ moving[x + disp(x)]``.
 
     Raises:

@@ -1,5 +1,4 @@
-"""Local NCC, mutual information and MIND: jaxreg against naive JAX versions, MONAI and neurite (VoxelMorph's
-torch NCC).
+"""Local NCC and mutual information: jaxreg against naive JAX versions, MONAI and neurite (VoxelMorph's torch NCC).
 
 For each shape, a smooth random ``fixed`` image and a ``warped`` image that is a noisy monotone remap of a shifted
 copy are built in float32, both spanning exactly [0, 1]. Timed in one process: JAX functions are compiled ahead
@@ -35,12 +34,6 @@ MI cases (``--bins``, default 32):
 * ``monai gauss``: ``monai.losses.GlobalMutualInformationLoss(kernel_type="gaussian", num_bins=bins,
   sigma_ratio=0.5)`` (equal to ``jaxreg gauss`` up to its 1e-7 smoothing constants).
 
-MIND cases (``losses.mind_loss`` defaults: radius 1, dilation 2, 12 channels in 3-D):
-
-* ``jaxreg``: ``jaxreg.losses.mind_loss`` (each channel's patch distance box-summed on its own array);
-* ``stacked (old)``: jaxreg's previous implementation (the pair differences as one ``tensordot`` into a trailing
-  channel axis of 12, box-summed together), for a before/after in the same process.
-
 Also reported: the max abs difference of each value (and gradient) to the matching jaxreg case (``jaxreg gauss`` for
 ``monai gauss``); XLA's buffer estimate for JAX (``compiled.memory_analysis()``: temporaries + output, MB); and the
 peak memory increase during the warm-up call ("peak +MB": host RSS, ``VmHWM - VmRSS`` after resetting ``VmHWM``
@@ -50,7 +43,7 @@ for torch on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated 
 MONAI and neurite are optional (skipped with a message when not importable).
 
 Run:  python benchmarks/bench_losses.py [--shape 160x192x224 --shape 80x96x80 --shape 256x256] [--repeats 5]
-      [--loss lncc --loss mi --loss mind] [--json out.json]
+      [--loss lncc --loss mi] [--json out.json]
 """
 from __future__ import annotations
 
@@ -231,48 +224,6 @@ def naive_mi_scatter(fixed, warped, *, bins=32):
     return -(entropy(p.sum(1)) + entropy(p.sum(0)) - entropy(p))
 
 
-# ------------------------------------------------------------------------------------------------ old MIND
-def _shift_edge(x, axis, step):
-    n = x.shape[axis]
-    if step >= 0:
-        parts = [lax.slice_in_dim(x, step, n, axis=axis)] + [lax.slice_in_dim(x, n - 1, n, axis=axis)] * step
-    else:
-        parts = [lax.slice_in_dim(x, 0, 1, axis=axis)] * -step + [lax.slice_in_dim(x, 0, n + step, axis=axis)]
-    return jnp.concatenate(parts, axis=axis)
-
-
-def _stacked_mind_ssc(img, radius=1, dilation=2, eps=1e-6):
-    """jaxreg's ``mind_ssc`` as it was before this benchmark: the pair differences as one ``tensordot`` of the
-    stacked shifted images with a +1/-1 matrix, then one box sum over the ``(*spatial, n_pairs)`` stack."""
-    nd = img.ndim
-    pairs = [(i, j) for i in range(2 * nd) for j in range(i + 1, 2 * nd) if i // 2 != j // 2]
-    a = np.zeros((2 * nd, len(pairs)))
-    for k, (i, j) in enumerate(pairs):
-        a[i, k], a[j, k] = 1, -1
-    shifted = jnp.stack([_shift_edge(img, axis, s * dilation) for axis in range(nd) for s in (1, -1)], -1)
-    sq = jnp.square(jnp.tensordot(shifted, jnp.asarray(a, img.dtype), axes=1, precision=lax.Precision.HIGHEST))
-    k = 2 * radius + 1
-    for axis in range(nd):
-        dims, pad = [1] * sq.ndim, [(0, 0)] * sq.ndim
-        dims[axis], pad[axis] = k, (k // 2, k // 2)
-        sq = lax.reduce_window(sq, np.zeros((), sq.dtype), lax.add, dims, (1,) * sq.ndim, pad)
-    count = jnp.ones((), img.dtype)
-    for axis, n in enumerate(img.shape):
-        i = np.arange(n)
-        c = np.minimum(i + k // 2, n - 1) - np.maximum(i - k // 2, 0) + 1
-        count = count * jnp.asarray(c.reshape([n if b == axis else 1 for b in range(nd)]), img.dtype)
-    d = sq / count[..., None]
-    v = jnp.mean(d, axis=-1, keepdims=True)
-    v_mean = jnp.mean(v)
-    v = jnp.clip(v, 1e-3 * v_mean, 1e3 * v_mean) + eps
-    return jnp.exp(-(d - jnp.min(d, axis=-1, keepdims=True)) / v)
-
-
-def stacked_mind_loss(fixed, warped):
-    """``losses.mind_loss`` (no mask, default options) on the old stacked descriptor."""
-    return jnp.mean(jnp.square(_stacked_mind_ssc(fixed) - _stacked_mind_ssc(warped)))
-
-
 # ------------------------------------------------------------------------------------------------ cases
 def _jax_case(loss, fixed, warped):
     """Compiled forward and value+grad (w.r.t. warped) calls of ``loss(fixed, warped)``, with compile times."""
@@ -368,10 +319,7 @@ def _cases(shape, which, window, bins, threads, fixed, warped, dense_max_voxels,
         cases["mi naive scatter"] = _jax_case(lambda f, w: naive_mi_scatter(f, w, bins=bins), fixed, warped)
         cases["mi jaxreg gauss"] = _jax_case(
             lambda f, w: losses.mutual_information(f, w, bins=bins, kernel="gaussian", sigma=0.5), fixed, warped)
-    if "mind" in which:
-        cases["mind jaxreg"] = _jax_case(losses.mind_loss, fixed, warped)
-        cases["mind stacked (old)"] = _jax_case(stacked_mind_loss, fixed, warped)
-    peers, versions = _torch_losses(nd, window, bins, threads) if {"lncc", "mi"} & set(which) else ({}, {})
+    peers, versions = _torch_losses(nd, window, bins, threads)
     for name, loss in peers.items():
         if name.split()[0] in which:
             cases[name] = _torch_case(loss, fixed, warped, torch_device)
@@ -438,7 +386,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", action="append",
                    help="e.g. 160x192x224 (repeatable; default: %s)" % ", ".join(DEFAULT_SHAPES))
-    p.add_argument("--loss", action="append", choices=("lncc", "mi", "mind"), help="repeatable; default all three")
+    p.add_argument("--loss", action="append", choices=("lncc", "mi"), help="repeatable; default both")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--window", type=int, default=9)
     p.add_argument("--bins", type=int, default=32)
@@ -451,7 +399,7 @@ def main(argv=None):
     p.add_argument("--json", help="write all rows and the environment to this file")
     args = p.parse_args(argv)
     shapes = [tuple(int(s) for s in sh.lower().split("x")) for sh in (args.shape or DEFAULT_SHAPES)]
-    which = tuple(args.loss or ("lncc", "mi", "mind"))
+    which = tuple(args.loss or ("lncc", "mi"))
     env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
                platform=jax.devices()[0].platform, device=str(jax.devices()[0]), cpus=os.cpu_count(),
                machine=platform.machine(), repeats=args.repeats, window=args.window, bins=args.bins,

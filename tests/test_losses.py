@@ -242,54 +242,6 @@ def test_box_filter_losses_differentiable_inside_scan(rng):
     np.testing.assert_allclose(jax.jit(jax.grad(twice))(w), 2 * jax.jit(jax.grad(once))(w), rtol=1e-10, atol=1e-14)
 
 
-def mind_ssc_stacked(img, radius=1, dilation=2, eps=1e-6):
-    """``mind_ssc`` as it was before each channel got its own box sum: pair differences as one tensordot of the
-    stacked edge-shifted images with a +1/-1 matrix, one reduce-window box sum over the (*spatial, n_pairs) stack."""
-    nd = img.ndim
-    pairs = [(i, j) for i, j in itertools.combinations(range(2 * nd), 2) if i // 2 != j // 2]
-    a = np.zeros((2 * nd, len(pairs)))
-    for k, (i, j) in enumerate(pairs):
-        a[i, k], a[j, k] = 1, -1
-
-    def shift(x, axis, step):
-        n = x.shape[axis]
-        idx = np.clip(np.arange(n) + step, 0, n - 1)
-        return jnp.take(x, idx, axis=axis)
-
-    shifted = jnp.stack([shift(img, axis, s * dilation) for axis in range(nd) for s in (1, -1)], -1)
-    sq = jnp.square(jnp.tensordot(shifted, jnp.asarray(a, img.dtype), axes=1, precision=jax.lax.Precision.HIGHEST))
-    k = 2 * radius + 1
-    d = L._box_sum(sq, (k,) * nd) / L._box_count(img.shape, (k,) * nd, img.dtype)[..., None]
-    v = jnp.mean(d, axis=-1, keepdims=True)
-    v = jnp.clip(v, 1e-3 * jnp.mean(v), 1e3 * jnp.mean(v)) + eps
-    return jnp.exp(-(d - jnp.min(d, axis=-1, keepdims=True)) / v)
-
-
-def mind_loss_stacked(f, w, mask=None):
-    return L._wmean(jnp.mean(jnp.square(mind_ssc_stacked(f) - mind_ssc_stacked(w)), axis=-1), mask)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_mind_per_channel_box_sums_equal_stacked_version(rng, shape):
-    """The per-channel MIND (one box sum per pair distance) gives the stacked version's value, gradient and
-    descriptor in float32 (the float64 NumPy reference is checked above)."""
-    f, w = (x.astype(np.float32) for x in pair(rng, shape))
-    w[: shape[0] // 3] = w[0, 0]  # a constant region: every pair distance ties at 0
-    mask = random_mask(rng, shape).astype(np.float32)
-
-    @jax.jit
-    def both(f, w, m):
-        new = jax.value_and_grad(lambda w: L.mind_loss(f, w, mask=m))(w)
-        old = jax.value_and_grad(lambda w: mind_loss_stacked(f, w, m))(w)
-        return new, old, L.mind_ssc(w), mind_ssc_stacked(w)
-
-    (v_new, g_new), (v_old, g_old), d_new, d_old = both(f, w, mask)
-    assert v_new.dtype == g_new.dtype == d_new.dtype == jnp.float32
-    np.testing.assert_allclose(float(v_new), float(v_old), rtol=1e-6)
-    np.testing.assert_allclose(g_new, g_old, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(g_old))))
-    np.testing.assert_allclose(d_new, d_old, rtol=1e-6, atol=1e-7)
-
-
 # Naive JAX versions (a different computation, differentiated by JAX): LNCC by dense all-ones convolutions in
 # VoxelMorph's form, MI by a scatter-add of each voxel's 4 x 4 cubic B-spline weights into the joint histogram.
 def lncc_naive(f, w, mask, window=5, eps=1e-5):

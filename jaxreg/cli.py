@@ -14,7 +14,6 @@ folder and moved into OUTDIR only once everything succeeded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

@@ -36,6 +36,13 @@ from jaxreg import _validate, losses, spatial, transforms
 DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
 
 
+def _elapsed(t0: float, result) -> float:
+    """Seconds since ``t0`` once ``result`` is computed (JAX dispatches asynchronously: without the wait a level's
+    time would be its dispatch time and the work would be charged to whatever waits next)."""
+    jax.block_until_ready(result)
+    return time.perf_counter() - t0
+
+
 class Result(NamedTuple):
     """Outcome of a registration (a pytree; batched along axis 0 by ``register_batch``).
 
@@ -124,12 +131,6 @@ def _field(params, base, *, cfg):
     return field, field
 
 
-def _compose_affine(matrix, u):
-    """Total displacement of "u, then the matrix": ``a(x) + A u(x)`` (exact; ``a`` is the matrix's field)."""
-    ndim = u.shape[-1]
-    return spatial.affine_to_disp(matrix, u.shape[:-1]) + u @ matrix[:ndim, :ndim].T
-
-
 def _loss(params, cfg, data):
     fixed, moving, fixed_mask, moving_mask, matrix = (
         data["fixed"], data["moving"], data["fixed_mask"], data["moving_mask"], data["matrix"]
@@ -140,7 +141,7 @@ def _loss(params, cfg, data):
         disp = spatial.affine_to_disp(_level_matrix(params, data["scale"], model=cfg.model), shape)
     else:
         u, reg_field = _field(params, data["base"], cfg=cfg)
-        disp = _compose_affine(matrix, u)
+        disp = spatial.compose_affine(matrix, u)
         if cfg.regularizer is not None and cfg.reg_weight > 0:
             reg = cfg.reg_weight * losses.REGULARIZERS[cfg.regularizer](u if reg_field is None else reg_field)
     moving = jax.lax.stop_gradient(moving)
@@ -343,7 +344,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             params, hist = run(params, data, cfg)
             key = f"{transform}@{factor}"
             history[key] = hist
-            seconds[key] = time.perf_counter() - t0
+            seconds[key] = _elapsed(t0, params)
             if callback:
                 callback(key, hist)
         full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
@@ -374,7 +375,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             base = u if dense is None else dense  # the dense displacement (disp, bspline) or velocity (svf)
             key = f"{deformable}@{factor}"
             history[key] = hist
-            seconds[key] = time.perf_counter() - t0
+            seconds[key] = _elapsed(t0, base)
             if callback:
                 callback(key, hist)
         base = _call(spatial.resize_disp, (("shape", shape),), batched, base)
@@ -383,7 +384,7 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             u_full = _call(spatial.integrate_velocity, (("steps", steps),), batched, base)
         else:
             u_full = base
-    disp = _call(_compose_affine, (), batched, matrix, u_full)
+    disp = _call(spatial.compose_affine, (), batched, matrix, u_full)
     warped = _call(spatial.warp, (), batched, moving, disp)
     return Result(matrix, disp, warped, velocity, history, seconds)
 

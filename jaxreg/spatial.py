@@ -288,6 +288,19 @@ def warp_labels(labels, disp, *, num_labels: int | None = None) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------- fields
+def _affine_field(matrix, shape, u):
+    """``A (x + u(x) - c) + t + c - x`` per component, written out elementwise from index iotas: a ``(N, ndim) x
+    (ndim, ndim)`` matrix product over the grid ran 14x slower on XLA:CPU (80×98×85: 14.1 vs 0.9 ms)."""
+    ndim = len(shape)
+    matrix = _validate.floating(matrix, "matrix")
+    if matrix.shape not in ((ndim + 1, ndim + 1), (ndim, ndim + 1)):
+        raise ValueError(f"matrix must be ({ndim + 1}, {ndim + 1}) or ({ndim}, {ndim + 1}) for a {ndim}-D grid, got {matrix.shape}")
+    dtype = matrix.dtype if u is None else jnp.result_type(matrix, u)
+    x = [jax.lax.broadcasted_iota(dtype, shape, k) - (shape[k] - 1) / 2 for k in range(ndim)]
+    p = x if u is None else [x[k] + u[..., k] for k in range(ndim)]
+    return jnp.stack([sum(matrix[k, j] * p[j] for j in range(ndim)) + matrix[k, ndim] - x[k] for k in range(ndim)], -1)
+
+
 def affine_to_disp(matrix, shape) -> jax.Array:
     """Dense displacement ``(*shape, ndim)`` of a homogeneous matrix acting about the grid centre.
 
@@ -295,15 +308,15 @@ def affine_to_disp(matrix, shape) -> jax.Array:
     positions to moving positions about the centre ``c = (shape - 1) / 2``: ``y = A (x - c) + t + c``, so
     ``warp(moving, affine_to_disp(M, shape))`` samples the moving image at ``y``. The identity gives zero.
     """
-    ndim = len(shape)
-    matrix = _validate.floating(matrix, "matrix")
-    if matrix.shape not in ((ndim + 1, ndim + 1), (ndim, ndim + 1)):
-        raise ValueError(f"matrix must be ({ndim + 1}, {ndim + 1}) or ({ndim}, {ndim + 1}) for a {ndim}-D grid, got {matrix.shape}")
-    lead = (1,) * ndim
-    centre = ((np.asarray(shape, np.float64) - 1) / 2).reshape(lead + (ndim,))
-    x = identity_grid(shape, dtype=matrix.dtype) - centre.astype(matrix.dtype)
-    y = x @ matrix[:ndim, :ndim].T + matrix[:ndim, ndim].reshape(lead + (ndim,))
-    return y - x
+    return _affine_field(matrix, tuple(shape), None)
+
+
+def compose_affine(matrix, u) -> jax.Array:
+    """Displacement ``(*S, ndim)`` of "first ``u``, then the matrix": ``x ↦ A (x + u(x) - c) + t + c`` with
+    ``affine_to_disp``'s convention, i.e. ``affine_to_disp(matrix, S) + A u(x)`` (exact, unlike ``compose`` of the
+    affine's field)."""
+    u = _validate.field(u, "u")
+    return _affine_field(matrix, u.shape[:-1], u)
 
 
 def compose(u, v, *, mode: str = "nearest") -> jax.Array:

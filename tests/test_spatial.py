@@ -159,6 +159,21 @@ def test_affine_to_disp_matches_scipy_affine_transform(rng, shape):
     np.testing.assert_allclose(spatial.affine_to_disp(np.eye(ndim + 1), shape), 0.0)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compose_affine_is_the_affine_field_plus_the_rotated_displacement(rng, shape):
+    """``compose_affine(M, u)(x) = a(x) + A u(x)``: the point map x -> A (x + u(x) - c) + t + c."""
+    nd = len(shape)
+    matrix = np.eye(nd + 1)
+    matrix[:nd] += 0.1 * rng.standard_normal((nd, nd + 1))
+    u = rng.standard_normal(shape + (nd,))
+    expected = np.asarray(spatial.affine_to_disp(jnp.asarray(matrix), shape)) + u @ matrix[:nd, :nd].T
+    np.testing.assert_allclose(spatial.compose_affine(jnp.asarray(matrix), jnp.asarray(u)), expected, atol=1e-12)
+    centre = (np.asarray(shape) - 1) / 2
+    x = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) - centre
+    np.testing.assert_allclose(np.asarray(spatial.affine_to_disp(jnp.asarray(matrix), shape)),
+                               x @ matrix[:nd, :nd].T + matrix[:nd, nd] - x, atol=1e-12)
+
+
 def test_compose_matches_sequential_warps(rng):
     shape = (24, 26)
     u = _smooth_field(rng, shape, 2.0)

@@ -186,15 +186,6 @@ def random_smooth_disp(key, shape, *, spacing: float = 8.0, max_norm: float = 1.
     return _smooth_from_unit(unit, shape, spacing, max_norm, method, int_steps)
 
 
-def _compose_affine(matrix, shape, u):
-    """Displacement of ``x -> A (x + u(x) - c) + t + c`` (``u`` None: the affine alone)."""
-    ndim = len(shape)
-    disp = spatial.affine_to_disp(matrix, shape)
-    if u is None:
-        return disp
-    return disp + u + u @ (matrix[:ndim, :ndim] - jnp.eye(ndim, dtype=matrix.dtype)).T
-
-
 def random_disp(key, shape, *, rotation_deg: float = 0.0, scaling: float = 0.0, translation: float = 0.0,
                 shear: float = 0.0, deform: float = 0.0, deform_spacing: float = 8.0, deform_method: str = "cubic",
                 deform_int_steps: int = 0, dtype=jnp.float32) -> jax.Array:
@@ -216,7 +207,7 @@ def random_disp(key, shape, *, rotation_deg: float = 0.0, scaling: float = 0.0, 
     if deform > 0:
         u = random_smooth_disp(k_deform, shape, spacing=deform_spacing, max_norm=deform, method=deform_method,
                                int_steps=deform_int_steps, dtype=dtype)
-    return _compose_affine(matrix, shape, u)
+    return spatial.affine_to_disp(matrix, shape) if u is None else spatial.compose_affine(matrix, u)
 
 
 # --------------------------------------------------------------------------------------------------- intensity
@@ -359,7 +350,7 @@ def augment_pair(key, example: dict, *, rotation_deg: float = 0.0, scaling: floa
             matrix = _affine_from_unit(u[:n_affine], len(shape), rotation_deg, scaling, translation, shear)
             smooth = (_smooth_from_unit(u[n_affine:], shape, deform_spacing, deform, deform_method,
                                         deform_int_steps) if deform > 0 else None)
-            return _compose_affine(matrix, shape, smooth)
+            return spatial.affine_to_disp(matrix, shape) if smooth is None else spatial.compose_affine(matrix, smooth)
 
         disps = jax.vmap(side_disp)(unit[:n_spatial_all].reshape(len(warped_sides), -1))
         warped = jax.vmap(spatial.warp)(jnp.stack([images[n] for n in warped_sides]), disps)

@@ -74,7 +74,8 @@ class LossConfig:
 def init_params(model, key, shape):
     """Parameters of ``model`` for images of spatial ``shape``, initialised on the host with NumPy.
 
-    Same scheme as the modules declare (LeCun normal kernels, zero biases, flow head ~ Normal(0, FLOW_INIT_STD)),
+    Same scheme as the modules declare (LeCun normal kernels, zero biases, flow head ~ Normal(0, FLOW_INIT_STD),
+    ``AffineNet``'s zero affine head, so an untrained affine network gives the identity),
     drawn with NumPy from ``key``'s data: XLA:CPU compiles every JAX random call site separately, which made
     ``model.init`` take 10-15 s for a small U-Net on 2 cores. Deterministic given ``key``.
     """
@@ -84,7 +85,7 @@ def init_params(model, key, shape):
 
     def leaf(path, s):
         names = [getattr(p, "key", str(p)) for p in path]
-        if names[-1] == "bias":
+        if names[-1] == "bias" or "affine_head" in names:
             return jnp.zeros(s.shape, s.dtype)
         if "flow" in names:
             return jnp.asarray(FLOW_INIT_STD * rng.standard_normal(s.shape), s.dtype)

@@ -48,7 +48,7 @@ def tiny_config(steps=2):
 
 
 def _init(model, shape=SHAPE):
-    return mt.init_params(model, jax.random.key(0), shape)
+    return training.init_params(model, jax.random.key(0), shape)
 
 
 def test_shapes_2d_3d_and_identity_at_init(rng):
@@ -169,7 +169,7 @@ def test_joint_training_lowers_landmark_error():
     model = tm.build(ndim=2, registration="dense", **TINY)
     tx = training.make_optimizer("adam", 1e-2)
     step = mt.make_train_step(model, tx, mt.LossSpec(objective="translation", reg_weight=0.05))
-    state = mt.create_state(model, tx, jax.random.key(0), SHAPE)
+    state = training.create_state(model, tx, jax.random.key(0), SHAPE)
     pairs = [_toy_pair(i) for i in range(4)]
     batch = {k: jnp.stack([jnp.asarray(p[k]) for p in pairs]) for k in ("moving", "fixed")}
     register = jax.jit(lambda p, m, f: model.apply(p, m, f, method=tm.TranslationRegistration.register)["disp"])

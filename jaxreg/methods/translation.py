@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 
@@ -116,24 +115,6 @@ def build_model(config, ndim: int) -> tmodels.TranslationRegistration:
         if k in m:
             m[k] = tuple(m[k] or ())
     return tmodels.build(ndim=ndim, **m)
-
-
-def init_params(model, key, shape):
-    """Parameters for spatial ``shape``: ``training.init_params`` (host-side, LeCun kernels, small flow head) with the
-    affine head zeroed as ``AffineNet`` declares it (so R starts at the identity)."""
-    params = training.init_params(model, key, shape)
-
-    def zero_head(path, x):
-        names = [getattr(p, "key", str(p)) for p in path]
-        return jnp.zeros_like(x) if "affine_head" in names else x
-
-    return jax.tree_util.tree_map_with_path(zero_head, params)
-
-
-def create_state(model, tx, key, shape) -> training.TrainState:
-    """A fresh ``training.TrainState`` at step 0."""
-    params = init_params(model, key, shape)
-    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 # ------------------------------------------------------------------------------------------------------- loss
@@ -258,7 +239,7 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
     key = jax.random.key(config.seed)
-    state = training.replicate(create_state(model, tx, jax.random.fold_in(key, 0), dataset.shape), mesh)
+    state = training.replicate(training.create_state(model, tx, jax.random.fold_in(key, 0), dataset.shape), mesh)
     manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
                                           keep=t.get("keep_checkpoints", 3))
     restored = training.restore_checkpoint(manager, state)
@@ -289,7 +270,7 @@ def load_trained(config, workdir, shape, *, step: int | None = None):
     model = build_model(config, len(shape))
     t = config.train
     tx = training.make_optimizer(t.optimizer, float(t.learning_rate), grad_clip=float(t.get("grad_clip") or 0) or None)
-    template = create_state(model, tx, jax.random.key(0), shape)
+    template = training.create_state(model, tx, jax.random.key(0), shape)
     manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"))
     try:
         state = training.restore_checkpoint(manager, template, step)

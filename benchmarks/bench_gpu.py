@@ -5,7 +5,7 @@ Made for a lent GPU with little time on it (the machine has no nilearn and no ne
     python benchmarks/bench_gpu.py --prepare .gpu/mni.npz --pairs 6        # here: template + held-out pairs
     python benchmarks/bench_gpu.py --data .gpu/mni.npz --out OUT/gpu.json   # there: the three parts below
 
-1. **warp** (160×192×224 and 80×98×85, float32, smooth random field of a few voxels): ``jaxreg fwd`` and ``v+g``
+1. **warp** (160×192×224 and 80×98×85; ``bench_warp.py``'s data and calls): ``jaxreg fwd`` and ``v+g``
    (value and gradient of SSD w.r.t. the field, moving image constant) against the naive ``map_coordinates`` path and
    PyTorch ``grid_sample`` (forward, forward+backward w.r.t. the grid) on the same GPU; median of ``--repeats``
    after a warm-up. Bandwidth: a trilinear warp must at least read the field (``ndim`` floats), read the image once
@@ -85,62 +85,26 @@ def _save(out, results):
 
 # --------------------------------------------------------------------------------------------------------- warp
 def bench_warp(shape, repeats):
-    import jax
+    """``bench_warp.py``'s data and calls (jaxreg, the naive path, torch ``grid_sample`` on CUDA), median times."""
     import jax.numpy as jnp
-    import scipy.ndimage as ndi
-    from jax.scipy.ndimage import map_coordinates
 
+    import bench_warp as bw  # the sibling script (benchmarks/ is on sys.path when this file runs)
     from jaxreg import spatial
 
-    rng = np.random.default_rng(0)
-    moving = ndi.gaussian_filter(rng.random(shape, dtype=np.float32), 2.0)
-    fixed = np.roll(moving, 1, axis=0)
-    coarse = rng.normal(size=tuple(max(2, s // 16) for s in shape) + (3,)).astype(np.float32)
-    u = np.asarray(jax.image.resize(coarse, shape + (3,), "cubic")) * 2.0
-    m, f, d = jnp.asarray(moving), jnp.asarray(fixed), jnp.asarray(u)
-
-    def naive(img, disp):
-        coords = spatial.identity_grid(shape) + disp
-        return map_coordinates(img, list(jnp.moveaxis(coords, -1, 0)), order=1, mode="constant")
-
-    def loss(warp_fn):
-        return lambda disp, img, fix: jnp.mean((warp_fn(jax.lax.stop_gradient(img), disp) - fix) ** 2)
-
-    jsync = jax.block_until_ready
-    fns = {
-        "jaxreg fwd": (jax.jit(spatial.warp), (m, d)),
-        "jaxreg v+g": (jax.jit(jax.value_and_grad(loss(spatial.warp))), (d, m, f)),
-        "naive fwd": (jax.jit(naive), (m, d)),
-        "naive v+g": (jax.jit(jax.value_and_grad(loss(naive))), (d, m, f)),
-    }
-    row = {k: _median_time(lambda fn=fn, a=a: fn(*a), repeats, jsync) for k, (fn, a) in fns.items()}
+    moving, fixed, u = bw._data(shape)
+    calls = bw._jax_fns(moving, fixed, u)  # each call waits for its result
+    skipped = "torch not importable"
     try:
-        import torch
-        import torch.nn.functional as F
-
-        dev = torch.device("cuda")
-        img = torch.from_numpy(moving)[None, None].to(dev)
-        fix = torch.from_numpy(fixed)[None, None].to(dev)
-        coords = np.moveaxis(np.indices(shape, dtype=np.float32), 0, -1) + u
-        norm = 2.0 * coords / (np.array(shape, np.float32) - 1.0) - 1.0
-        grid0 = torch.from_numpy(np.ascontiguousarray(norm[..., ::-1]))[None].to(dev)
-
-        def tfwd():
-            with torch.no_grad():
-                return F.grid_sample(img, grid0, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-        def tfb():
-            grid = grid0.clone().requires_grad_(True)
-            out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            ((out - fix) ** 2).mean().backward()
-            return grid.grad
-
-        tsync = lambda _: torch.cuda.synchronize()  # noqa: E731
-        row["torch fwd"] = _median_time(tfwd, repeats, tsync)
-        row["torch f+b"] = _median_time(tfb, repeats, tsync)
-        row["torch max abs diff"] = float(np.abs(tfwd()[0, 0].cpu().numpy() - np.asarray(spatial.warp(m, d))).max())
-    except Exception as exc:  # noqa: BLE001 - torch or CUDA missing: report, go on
-        row["torch"] = f"skipped: {type(exc).__name__}: {exc}"
+        tcalls, torch_out = bw._torch_calls(moving, fixed, u, threads=None, device="cuda")
+    except Exception as exc:  # noqa: BLE001 - no CUDA: report, go on
+        tcalls, torch_out, skipped = {}, None, f"{type(exc).__name__}: {exc}"
+    calls.update(tcalls)
+    row = {k: _median_time(fn, repeats, lambda _: None) for k, fn in calls.items()}
+    if torch_out is None:
+        row["torch"] = f"skipped: {skipped}"
+    else:
+        ours = np.asarray(spatial.warp(jnp.asarray(moving), jnp.asarray(u)))
+        row["torch max abs diff"] = float(np.abs(torch_out() - ours).max())
     n = int(np.prod(shape))
     row["fwd GB/s (>= (ndim+2)*4 B/voxel)"] = (3 + 2) * 4 * n / row["jaxreg fwd"] / 1e9
     row["v+g / fwd"] = row["jaxreg v+g"] / row["jaxreg fwd"]

@@ -95,33 +95,40 @@ def _jax_fns(moving, fixed, u):
     return calls
 
 
-def _torch_calls(moving, fixed, u, threads):
+def _torch_calls(moving, fixed, u, threads, device="cpu"):
+    """``grid_sample`` forward and forward + backward (w.r.t. the grid) calls on ``device`` ("cpu" with ``threads``
+    threads, or "cuda"), each waiting for its result; and a call returning the forward as a NumPy array."""
     try:
         import torch
         import torch.nn.functional as F
     except Exception as exc:  # noqa: BLE001 - any import failure means "skip"
         print(f"torch not importable ({type(exc).__name__}: {exc}); skipping grid_sample")
         return {}, None
-    torch.set_num_threads(threads)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     shape = moving.shape
-    img = torch.from_numpy(moving)[None, None]
-    fix = torch.from_numpy(fixed)[None, None]
+    img = torch.from_numpy(moving)[None, None].to(device)
+    fix = torch.from_numpy(fixed)[None, None].to(device)
     coords = np.moveaxis(np.indices(shape, dtype=np.float32), 0, -1) + u  # voxel coordinates, array axis order
     norm = 2.0 * coords / (np.array(shape, np.float32) - 1.0) - 1.0  # align_corners=True
-    grid0 = torch.from_numpy(np.ascontiguousarray(norm[..., ::-1]))[None]  # grid_sample wants (x, y, z) = reversed
+    grid0 = torch.from_numpy(np.ascontiguousarray(norm[..., ::-1]))[None].to(device)  # (x, y, z) = reversed
 
     def fwd():
         with torch.no_grad():
-            return F.grid_sample(img, grid0, mode="bilinear", padding_mode="zeros", align_corners=True)
+            out = F.grid_sample(img, grid0, mode="bilinear", padding_mode="zeros", align_corners=True)
+        sync()
+        return out
 
     def fwd_bwd():
         grid = grid0.clone().requires_grad_(True)
         out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         loss = ((out - fix) ** 2).mean()
         loss.backward()
+        sync()
         return grid.grad
 
-    return {"torch fwd": fwd, "torch f+b": fwd_bwd}, lambda: fwd()[0, 0].numpy()
+    return {"torch fwd": fwd, "torch f+b": fwd_bwd}, lambda: fwd()[0, 0].cpu().numpy()
 
 
 def bench(shape, repeats, threads):

@@ -96,18 +96,23 @@ def _coords(points, on_grid):
     return [jax.lax.broadcasted_iota(points.dtype, shape, k) + points[..., k] for k in range(ndim)]
 
 
+def _pad_one(image, mode, cval):
+    """``image (*S, C)`` padded by one voxel on every spatial side: its edge for ``"nearest"``, ``cval`` otherwise;
+    clipping corner indices to this grid then reproduces both modes without masks."""
+    pad = [(1, 1)] * (image.ndim - 1) + [(0, 0)]
+    if mode == "nearest":
+        return jnp.pad(image, pad, mode="edge")
+    return jnp.pad(image, pad, constant_values=jnp.asarray(cval, image.dtype))
+
+
 def _coords_vjp_corners(image, coords, g, mode, cval):
     """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)`` from the ``2**ndim`` corners of a
     padded image, all components from one set of gathers (the path off CPU).
 
-    The image is padded by one voxel (with ``cval``, or its edge for ``"nearest"``) so that clipping each corner
-    index to the padded grid reproduces both modes without masks; gathering from this other array also keeps XLA
-    from merging these gathers with the forward's.
+    Gathering from the padded copy (``_pad_one``) also keeps XLA from merging these gathers with the forward's.
     """
     ndim = len(coords)
-    pad = [(1, 1)] * ndim + [(0, 0)]
-    padded = (jnp.pad(image, pad, mode="edge") if mode == "nearest"
-              else jnp.pad(image, pad, constant_values=jnp.asarray(cval, image.dtype)))
+    padded = _pad_one(image, mode, cval)
     shape = padded.shape[:-1]
     channels = image.shape[-1]
     flat = padded.reshape(-1) if channels == 1 else padded.reshape(-1, channels)
@@ -130,9 +135,8 @@ def _coords_vjp_diffs(image, coords, g, mode, cval):
     """``d/d coords sum(g * _linear_reference(image, coords))`` → ``(*out, ndim)``, from gathers of difference images.
 
     Component ``k`` is the linear interpolation, over the other axes, of the forward difference of the image along
-    axis ``k`` at the lower corner: ``2**(ndim-1)`` gathers. The image is padded by one voxel (``cval``, or its edge
-    for ``"nearest"``) so that clipping indices to the padded grid reproduces both modes, and the ``ndim`` difference
-    images are stacked into one array, which XLA materialises instead of recomputing in every gather. Each component
+    axis ``k`` at the lower corner: ``2**(ndim-1)`` gathers. The ``ndim`` difference images of the padded copy
+    (``_pad_one``) are stacked into one array, which XLA materialises instead of recomputing in every gather. Each component
     is written into the output with ``dynamic_update_slice``: stacking them instead lets XLA fuse all components
     into one concatenate loop that is 2.5x slower on CPU. Channels are handled one at a time and summed (one loop
     over all channels was 2.6x slower for 3 channels).
@@ -141,9 +145,7 @@ def _coords_vjp_diffs(image, coords, g, mode, cval):
     if channels > 1:
         return sum(_coords_vjp_diffs(image[..., c:c + 1], coords, g[..., c:c + 1], mode, cval) for c in range(channels))
     ndim = len(coords)
-    pad = [(1, 1)] * ndim + [(0, 0)]
-    padded = (jnp.pad(image, pad, mode="edge") if mode == "nearest"
-              else jnp.pad(image, pad, constant_values=jnp.asarray(cval, image.dtype)))
+    padded = _pad_one(image, mode, cval)
     shape = padded.shape[:-1]
     size = math.prod(shape)
     strides = [math.prod(shape[k + 1:]) for k in range(ndim)]

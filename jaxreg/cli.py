@@ -199,7 +199,7 @@ def run_register(fixed_path, moving_path, output, opts, *, moving_labels=None, f
     """Load, resample, normalise, register and write results; returns the report dict."""
     import jax
 
-    from jaxreg import metrics, optimize, spatial, transforms
+    from jaxreg import evaluation, metrics, optimize, spatial, transforms
     from jaxreg.data import io, preprocess
 
     t_start = time.perf_counter()
@@ -267,7 +267,7 @@ def run_register(fixed_path, moving_path, output, opts, *, moving_labels=None, f
                 report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
                 report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
         report["seconds"]["total"] = time.perf_counter() - t_start
-        metrics.write_json(os.path.join(stage, "report.json"), report)
+        evaluation.write_json(os.path.join(stage, "report.json"), report)
         _commit(stage, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

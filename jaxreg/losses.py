@@ -12,7 +12,9 @@ Similarities: ``fn(fixed, warped, *, mask=None, **options) -> scalar``.
 
 Regularisers: ``fn(u) -> scalar`` on a displacement field ``u`` of shape ``(*spatial, ndim)`` in voxel units.
 
-Registries: ``SIMILARITIES`` (image similarities, all with the signature above) and ``REGULARIZERS``.
+Registries: ``SIMILARITIES`` (image similarities, all with the signature above) and ``REGULARIZERS``. Anything that
+takes a similarity name (``optimize.RegisterOptions.metric``) also takes a callable with that signature: a learned
+metric plugs in from its own module (``jaxreg.methods.learned_metric.metric``) without this module knowing of it.
 """
 from __future__ import annotations
 
@@ -415,16 +417,8 @@ def folding(u):
     return jnp.mean(jax.nn.relu(-jacobian_determinant(u)))
 
 
-def learned(fixed, warped, **options):
-    """The learned CNN metric (Simonovsky et al. 2016), ``jaxreg.methods.learned_metric.metric``, imported on first
-    use (it loads a trained model). Options: ``checkpoint=PATH`` (required), ``mask``, ``stride``, ``form``."""
-    from jaxreg.methods import learned_metric
-
-    return learned_metric.metric(fixed, warped, **options)
-
-
 SIMILARITIES = {
     "mse": mse, "ssd": mse, "ncc": ncc, "lncc": local_ncc, "mi": mutual_information, "nmi": nmi,
-    "mind": mind_loss, "ngf": ngf, "learned": learned,
+    "mind": mind_loss, "ngf": ngf,
 }
 REGULARIZERS = {"diffusion": diffusion, "bending": bending_energy, "folding": folding}

@@ -380,7 +380,7 @@ def test_validation_errors():
 
 
 def test_float32_in_float32_out_and_registries(rng):
-    assert set(L.SIMILARITIES) == {"mse", "ssd", "ncc", "lncc", "mi", "nmi", "mind", "ngf", "learned"}
+    assert set(L.SIMILARITIES) == {"mse", "ssd", "ncc", "lncc", "mi", "nmi", "mind", "ngf"}
     assert set(L.REGULARIZERS) == {"diffusion", "bending", "folding"}
     f, w = (jnp.asarray(x, jnp.float32) for x in pair(rng, (9, 10, 11)))
     u = jnp.asarray(rng.normal(size=(9, 10, 11, 3)), jnp.float32)

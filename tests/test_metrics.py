@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxreg import metrics
+from jaxreg import evaluation, metrics
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -153,7 +153,7 @@ def test_empty_label_conventions():
         r = fn(b, a, labels=[1, 2, 7])
         assert r[1] == 0.0 and r[2] == math.inf and math.isnan(r[7])
     # summarize leaves NaN out of the mean and keeps inf.
-    s = metrics.summarize([{"dice": d}, {"dice": {1: 0.5, 2: 1.0, 7: 0.25}}])
+    s = evaluation.summarize([{"dice": d}, {"dice": {1: 0.5, 2: 1.0, 7: 0.25}}])
     assert s["dice/7"] == {"mean": 0.25, "std": 0.0, "n": 1}
     assert s["dice/2"]["mean"] == 0.5 and s["dice/2"]["n"] == 2
 
@@ -226,17 +226,17 @@ def test_summarize_and_markdown():
         {"pair": "p0", "dice": {1: 0.8, 2: 0.4}, "hd95": 2.0, "time_s": np.float32(1.5)},
         {"pair": "p1", "dice": {1: 0.6, 2: 0.6}, "hd95": math.inf, "time_s": 2},
     ]
-    s = metrics.summarize(rows)
+    s = evaluation.summarize(rows)
     assert list(s) == ["dice/1", "dice/2", "hd95", "time_s"]  # non-numeric "pair" skipped, order kept
     assert s["dice/1"]["mean"] == pytest.approx(0.7) and s["dice/1"]["std"] == pytest.approx(0.1)
     assert s["dice/1"]["n"] == 2
     assert s["time_s"]["mean"] == pytest.approx(1.75)
     assert s["hd95"]["mean"] == math.inf
-    assert metrics.summarize(rows, ddof=1)["dice/1"]["std"] == pytest.approx(0.1 * math.sqrt(2))
-    md = metrics.to_markdown(s)
+    assert evaluation.summarize(rows, ddof=1)["dice/1"]["std"] == pytest.approx(0.1 * math.sqrt(2))
+    md = evaluation.to_markdown(s)
     assert md.splitlines()[0] == "| metric | mean ± std | n |"
     assert "| dice/1 | 0.7 ± 0.1 | 2 |" in md
-    md_rows = metrics.to_markdown(rows, digits=3)
+    md_rows = evaluation.to_markdown(rows, digits=3)
     assert md_rows.splitlines()[0] == "| pair | dice/1 | dice/2 | hd95 | time_s |"
     assert "| p1 | 0.6 | 0.6 | inf | 2 |" in md_rows
 
@@ -244,13 +244,13 @@ def test_summarize_and_markdown():
 def test_write_csv_and_json_roundtrip(tmp_path):
     rows = [{"pair": "p0", "dice": {1: 0.8}, "hd95": math.nan}, {"pair": "p1", "dice": {1: 0.5}, "extra": 3}]
     path = tmp_path / "results.csv"
-    metrics.write_csv(path, rows)
+    evaluation.write_csv(path, rows)
     with open(path, newline="") as f:
         got = list(csv.reader(f))
     assert got == [["pair", "dice/1", "hd95", "extra"], ["p0", "0.8", "nan", ""], ["p1", "0.5", "", "3"]]
     obj = {"dice": {1: np.float64(0.8), 2: math.nan}, "hd": math.inf, "n": np.int64(3), "v": np.arange(3)}
     jpath = tmp_path / "results.json"
-    metrics.write_json(jpath, obj)
+    evaluation.write_json(jpath, obj)
     assert json.loads(jpath.read_text()) == {"dice": {"1": 0.8, "2": None}, "hd": None, "n": 3, "v": [0, 1, 2]}
     assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json"]  # no temporary files left
 
@@ -266,15 +266,15 @@ def test_atomic_writes_do_not_clobber_on_error(tmp_path):
     # The header and first row are written before the bad value: the error happens mid-file.
     rows = [{"a": 1.0}, {"a": _Unprintable()}]
     with pytest.raises(RuntimeError, match="cannot format"):
-        metrics.write_csv(path, rows)
+        evaluation.write_csv(path, rows)
     assert path.read_text() == "old contents\n"
     jpath = tmp_path / "obj.json"
     jpath.write_text('{"old": true}\n')
     with pytest.raises(TypeError):
-        metrics.write_json(jpath, {"ok": [1, 2, 3], "bad": object()})
+        evaluation.write_json(jpath, {"ok": [1, 2, 3], "bad": object()})
     assert jpath.read_text() == '{"old": true}\n'
     assert sorted(os.listdir(tmp_path)) == ["obj.json", "table.csv"]
     # A successful write replaces the target.
-    metrics.write_json(jpath, {"new": 1})
+    evaluation.write_json(jpath, {"new": 1})
     assert json.loads(jpath.read_text()) == {"new": 1}
     assert sorted(os.listdir(tmp_path)) == ["obj.json", "table.csv"]

@@ -9,8 +9,8 @@ Run (2 CPU cores):
 pairs) into ``runs/learned_metric/k{k}``; ``evaluate.py`` registers ``eval.num_pairs`` held-out deformed pairs
 (another seed) with the engine's affine + dense pipeline (``eval.register``) using MI, MI within brain masks and
 each learned metric, and prints Dice / Jaccard (mean over CSF, GM, WM; mean ± std over pairs).
-Any registration with the trained metric: ``optimize.register(f, m, metric="learned",
-metric_options={"checkpoint": "runs/learned_metric/k20"})`` or ``jaxreg register ... --metric learned
+Any registration with the trained metric: ``optimize.register(f, m, metric=learned_metric.metric,
+metric_options={"checkpoint": "runs/learned_metric/k20"})`` (``from jaxreg.methods import learned_metric``) or ``jaxreg register ... --metric learned
 --metric-checkpoint runs/learned_metric/k20``.
 
 Measured with exactly these two commands (2 shared CPU cores: 6.8 min to train the four variants of 1500 steps,
@@ -71,6 +71,7 @@ def get_config(variant: str = ""):
     c.train.loss = "logistic"  # logistic | hinge
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
+    c.train.schedule = "constant"  # constant | cosine (to 10 % over the steps)
     c.train.grad_clip = 0.0
     c.train.log_every = 50
     c.train.checkpoint_every = 500
@@ -91,7 +92,7 @@ def get_config(variant: str = ""):
         transform="affine", deformable="disp", affine_levels=(2, 1), affine_iterations=(100, 50),
         levels=(2, 1), iterations=(80, 40), regularizer="diffusion", reg_weight=10.0))
     c.eval.learned_overrides = ml_collections.ConfigDict()  # register options for the learned metric only
-    c.eval.verbose = True
+    c.eval.figures = 0  # pairs with PNG figures per method in WORKDIR/eval/figures (needs matplotlib)
 
     if variant == "3d":
         c.data.kind = "synthetic"

@@ -86,6 +86,7 @@ def get_config(arg: str = ""):
     c.eval.classical_preset = "diffeo"  # the SyN stand-in
     c.eval.demons = ml_collections.ConfigDict({"diffeomorphic": True})  # jaxreg.demons.demons options
     c.eval.spacing = ()  # mm per axis; empty: the data's spacing
+    c.eval.figures = 0  # pairs with PNG figures per method in WORKDIR/eval/figures (needs matplotlib)
 
     if arg == "3d":
         c.data.kind = "mni"

@@ -17,6 +17,7 @@ from jaxreg.data import augment
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.method = "voxelmorph"  # jaxreg.methods entry: what train.py / evaluate.py run
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
@@ -26,10 +27,13 @@ def get_config():
     c.data.seed = 0
     c.data.test_seed = 1_000_000  # held-out pairs come from another seed
     c.data.synthetic = ml_collections.ConfigDict({"deform_scale": 3.0, "affine_scale": 1.0})
+    c.data.resolution = 2  # mm, kind mni
+    c.data.mni = ml_collections.ConfigDict()  # extra synthetic.mni_pair options, kind mni
     c.data.path = ""  # folder or JSON file for kind folder/json
     c.data.test_path = ""  # optional held-out folder/JSON for evaluate.py
     c.data.mode = "pairwise"
     c.data.atlas = 0
+    c.data.fixed_as_moving = False  # moving = fixed; data.augment then makes the moving image
     c.data.augment = augment.default_config()  # on-device augmentation, off here: --config.data.augment.enabled=True
 
     c.model = ml_collections.ConfigDict()
@@ -51,6 +55,7 @@ def get_config():
     c.train.batch_size = 8
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
+    c.train.schedule = "constant"  # constant | cosine (to 10 % over the steps)
     c.train.grad_clip = 0.0  # 0: off
     c.train.log_every = 50
     c.train.checkpoint_every = 500

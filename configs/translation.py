@@ -81,6 +81,7 @@ def get_config(arg: str = ""):
     c.train.batch_size = 4
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
+    c.train.schedule = "constant"  # constant | cosine (to 10 % over the steps)
     c.train.grad_clip = 0.0
     c.train.log_every = 50
     c.train.checkpoint_every = 500

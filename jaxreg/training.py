@@ -1,19 +1,19 @@
-"""Training of registration networks: state, loss, a pure jitted step, data parallelism, checkpoints, the loop.
+"""Generic training of any Flax model: state, optimiser, one train step, data parallelism, checkpoints, the loop.
 
-Batches are dicts of arrays with a leading batch axis ``B``: ``moving``, ``fixed`` ``(B, *S)`` float32 and, for
-semi-supervised training, ``moving_labels``, ``fixed_labels`` ``(B, *S)`` int32 in ``[0, num_labels)``.
+Nothing here knows a model or a method: a method (``jaxreg.methods``) supplies a model, a loss and batches.
 
-Loss per example (averaged over the batch), VoxelMorph's unsupervised objective plus an optional Dice term:
-``L = sim(fixed, warped) + reg_weight * reg(velocity) + dice_weight * dice_loss(onehot(fixed_labels)[1:],
-warped_onehot(moving_labels)[1:])`` with ``sim`` from ``losses.SIMILARITIES`` (lower is better) and ``reg`` from
-``losses.REGULARIZERS``, applied to the network's velocity (the displacement itself when not diffeomorphic).
-Background (label 0) is left out of the Dice term.
-
-``make_train_step(model, tx, loss, augment=None)`` returns a pure ``train_step(state, batch, key) -> (state,
-metrics)``, jit-compiled with ``state`` donated. With ``augment`` (a ``data.augment.AugmentConfig``) the step first
-replaces the batch by ``augment.augment_batch(key, batch, **augment.options())`` on the device, so the host loader is
-unchanged and a resumed run (same key per step) sees the same augmented batches. A step whose loss or gradient is not finite leaves the state unchanged and
-reports ``finite = False``; ``check_finite`` turns that into an error naming the step and the term.
+* ``loss(params, batch, key) -> (value, terms)``: a scalar loss and a dict of scalar terms to log, for one batch (a
+  pytree of arrays, usually with a leading batch axis ``B``); ``key`` is the step's PRNG key (augmentation, patch
+  sampling; unused by deterministic losses). The loss must be hashable (a frozen dataclass, a module-level
+  function or a ``functools.partial`` kept alive) so that runs with equal settings share one compiled step.
+* ``make_train_step(loss, tx)`` returns the pure ``train_step(state, batch, key) -> (state, metrics)``, jit-compiled
+  with ``state`` donated: one optax update with a non-finite guard (a step whose loss or gradient is not finite
+  leaves params and optimiser state as they were and reports ``finite = False``); ``check_finite`` turns that into
+  an error naming the step and the term.
+* ``fit(directory, ...)`` runs it: a fresh or restored ``TrainState``, replicated over every device (a 1-D
+  ``Mesh``, axis ``"data"``; each batch split along its leading axis, or replicated), the steps through
+  ``run_loop`` (JSON-lines log, tqdm, orbax checkpoints, resume).
+* ``load_params(directory, model=..., shape=...)`` restores the parameters of a trained model for inference.
 
 Data parallelism: ``make_mesh()`` builds a 1-D ``Mesh`` over every device (axis ``"data"``); ``replicate`` places
 the state on all of them, ``shard_batch`` splits the batch axis. The jitted step then runs SPMD and XLA inserts
@@ -22,12 +22,12 @@ process its own slice of the global batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.struct
@@ -37,8 +37,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxreg import losses
-from jaxreg.data import augment as augment_lib
 from jaxreg.models.registration import FLOW_INIT_STD
 
 
@@ -50,27 +48,7 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Static loss options (hashable). ``similarity_options`` is a tuple of ``(name, value)`` pairs."""
-
-    similarity: str = "lncc"
-    similarity_options: tuple = ()
-    regularizer: str | None = "diffusion"
-    reg_weight: float = 1.0
-    dice_weight: float = 0.0
-    num_labels: int = 0
-
-    def __post_init__(self):
-        if self.similarity not in losses.SIMILARITIES:
-            raise ValueError(f"similarity must be one of {sorted(losses.SIMILARITIES)}, got {self.similarity!r}")
-        if self.regularizer is not None and self.regularizer not in losses.REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got {self.regularizer!r}")
-        if self.dice_weight > 0 and self.num_labels < 2:
-            raise ValueError(f"dice_weight > 0 needs num_labels >= 2, got {self.num_labels}")
-
-
-# ------------------------------------------------------------------------------------------------ state and loss
+# ------------------------------------------------------------------------------------------------ state and step
 def init_params(model, key, shape):
     """Parameters of ``model`` for images of spatial ``shape``, initialised on the host with NumPy.
 
@@ -79,8 +57,7 @@ def init_params(model, key, shape):
     drawn with NumPy from ``key``'s data: XLA:CPU compiles every JAX random call site separately, which made
     ``model.init`` take 10-15 s for a small U-Net on 2 cores. Deterministic given ``key``.
     """
-    x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x, x)
+    abstract = init_shapes(model, shape)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel().tolist())
 
     def leaf(path, s):
@@ -99,98 +76,78 @@ def init_params(model, key, shape):
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def make_optimizer(name: str = "adam", learning_rate: float = 1e-4, *, grad_clip: float | None = None):
-    """An optax optimiser by name (``"adam"``, ``"adamw"``, ``"sgd"``), optionally with global-norm clipping."""
-    makers = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
-    if name not in makers:
-        raise ValueError(f"optimizer must be one of {sorted(makers)}, got {name!r}")
-    tx = makers[name](learning_rate)
+OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
+SCHEDULES = ("constant", "cosine")
+
+
+@functools.lru_cache(maxsize=32)
+def make_optimizer(name: str = "adam", learning_rate: float = 1e-4, *, grad_clip: float = 0.0,
+                   schedule: str = "constant", steps: int = 1) -> optax.GradientTransformation:
+    """An optax optimiser by name (``OPTIMIZERS``), optionally with global-norm clipping (``grad_clip > 0``).
+
+    ``schedule``: ``"constant"`` or ``"cosine"`` (decay to 10 % of ``learning_rate`` over ``steps``). Cached, so equal
+    settings give the same object and share compiled train steps.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    lr = optax.cosine_decay_schedule(learning_rate, int(steps), alpha=0.1) if schedule == "cosine" else learning_rate
+    tx = OPTIMIZERS[name](lr)
     return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip else tx
 
 
+def optimizer_from_config(train) -> optax.GradientTransformation:
+    """``make_optimizer`` of a config's ``train`` block (``optimizer``, ``learning_rate``, ``grad_clip``,
+    ``schedule``, ``steps``)."""
+    return make_optimizer(str(train.optimizer), float(train.learning_rate), grad_clip=float(train.grad_clip),
+                          schedule=str(train.schedule), steps=int(train.steps))
+
+
 def create_state(model, tx, key, shape) -> TrainState:
-    """A fresh ``TrainState`` (step 0) for images of spatial ``shape``."""
+    """A fresh ``TrainState`` (step 0) for inputs of spatial ``shape`` (``init_params``)."""
     params = init_params(model, key, shape)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_terms(params, model, batch, loss: LossConfig):
-    """Batch-mean loss and its terms ``{"similarity", "regularizer", "dice", "loss"}`` (scalars)."""
-    sim = losses.SIMILARITIES[loss.similarity]
-    sim_options = dict(loss.similarity_options)
-    use_dice = loss.dice_weight > 0
+@functools.lru_cache(maxsize=16)
+def make_train_step(loss: Callable, tx: optax.GradientTransformation):
+    """``train_step(state, batch, key) -> (state, metrics)``, jit-compiled, ``state`` donated; cached per
+    ``(loss, tx)``.
 
-    def one(moving, fixed, moving_labels, fixed_labels):
-        onehot = jax.nn.one_hot(moving_labels, loss.num_labels, dtype=moving.dtype) if use_dice else None
-        out = model.apply(params, moving, fixed, onehot)
-        terms = {"similarity": sim(fixed, out["warped"], **sim_options)}
-        terms["regularizer"] = (losses.REGULARIZERS[loss.regularizer](out["velocity"]) if loss.regularizer
-                                else jnp.zeros((), moving.dtype))
-        if use_dice:
-            target = jax.nn.one_hot(fixed_labels, loss.num_labels, dtype=moving.dtype)
-            terms["dice"] = losses.dice_loss(target[..., 1:], out["warped_labels"][..., 1:])
-        else:
-            terms["dice"] = jnp.zeros((), moving.dtype)
-        return terms
-
-    zeros = jnp.zeros(batch["moving"].shape, jnp.int32)
-    ml = batch.get("moving_labels", zeros) if use_dice else zeros
-    fl = batch.get("fixed_labels", zeros) if use_dice else zeros
-    terms = {k: jnp.mean(v) for k, v in jax.vmap(one)(batch["moving"], batch["fixed"], ml, fl).items()}
-    terms["loss"] = terms["similarity"] + loss.reg_weight * terms["regularizer"] + loss.dice_weight * terms["dice"]
-    return terms["loss"], terms
-
-
-def augment_step_batch(batch, key, augment: augment_lib.AugmentConfig | None, loss: LossConfig):
-    """The batch a train step computes its loss on: ``batch`` augmented with ``key`` (or as is when ``augment`` is
-    None). Label maps are dropped first when the loss does not use them (no Dice term), which skips their warps."""
-    if augment is None:
-        return batch
-    if loss.dice_weight <= 0:
-        batch = {k: v for k, v in batch.items() if k in ("moving", "fixed")}
-    return augment_lib.augment_batch(key, batch, **augment.options())
-
-
-def make_train_step(model, tx, loss: LossConfig, augment: augment_lib.AugmentConfig | None = None):
-    """``train_step(state, batch, key) -> (state, metrics)``, jit-compiled, ``state`` donated.
-
-    ``metrics``: the loss terms, ``grad_norm`` (global L2 norm) and ``finite`` (bool). A non-finite loss or
-    gradient leaves params and optimiser state as they were (so the last good state can be saved). ``key`` (the
-    loop folds the step number into it) drives the on-device augmentation when ``augment`` is given: the loss is
-    computed on ``augment_step_batch(batch, key, augment, loss)``; without ``augment`` it is unused.
+    ``metrics``: the loss's terms, ``loss``, ``grad_norm`` (global L2 norm of the gradient) and ``finite`` (bool).
+    A non-finite loss or gradient leaves params and optimiser state as they were (so the last good state can be
+    saved); ``check_finite`` reports it.
     """
-    if loss.dice_weight > 0 and loss.num_labels < 2:
-        raise ValueError("semi-supervised training needs num_labels >= 2")
-    if augment is not None and not isinstance(augment, augment_lib.AugmentConfig):
-        raise TypeError(f"augment must be a jaxreg.data.augment.AugmentConfig or None, got {type(augment)}")
 
     def train_step(state: TrainState, batch, key):
-        batch = augment_step_batch(batch, key, augment, loss)
-        (value, terms), grads = jax.value_and_grad(loss_terms, has_aux=True)(state.params, model, batch, loss)
+        (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new = TrainState(step=state.step + 1, params=jax.tree_util.tree_map(keep, params, state.params),
                          opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
-        return new, {**terms, "grad_norm": grad_norm, "finite": finite}
+        return new, {**terms, "loss": value, "grad_norm": grad_norm, "finite": finite}
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def check_finite(metrics, step: int) -> None:
+def check_finite(metrics, step: int, *, order=()) -> None:
     """Raise ``FloatingPointError`` naming ``step`` and the first non-finite term of a step's ``metrics``.
 
-    ``metrics`` holds a boolean ``finite`` and scalar terms; they are checked in order (the registration loss's
-    ``similarity``, ``regularizer``, ``dice`` first when present, then any other term, then ``loss`` and
-    ``grad_norm``), so other methods' train steps can use it with their own term names.
+    ``metrics`` holds a boolean ``finite`` and scalar terms. They are checked in ``order`` (a method's log columns;
+    a jitted step returns its dict sorted by key), then any other term, with ``loss`` and ``grad_norm`` last, so the
+    message names the term that went wrong rather than the sum.
     """
     if bool(metrics["finite"]):
         return
-    first, last = ("similarity", "regularizer", "dice"), ("loss", "grad_norm")
-    names = [n for n in first if n in metrics]
-    names += [n for n in metrics if n not in first + last + ("finite",) and jnp.ndim(metrics[n]) == 0]
+    last = ("loss", "grad_norm")
+    names = [n for n in order if n in metrics and n not in last]
+    names += [n for n in metrics if n not in names + list(last) + ["finite"] and jnp.ndim(metrics[n]) == 0]
     names += [n for n in last if n in metrics]
     for name in names:
         value = float(metrics[name])
@@ -200,11 +157,6 @@ def check_finite(metrics, step: int) -> None:
                                      f"left at step {step - 1}. Check the data for NaN/constant images, lower the "
                                      f"learning rate or set train.grad_clip")
     raise FloatingPointError(f"training stopped: non-finite loss or gradient at step {step}")
-
-
-def make_predict(model):
-    """Jitted ``predict(params, moving, fixed) -> {"disp", "velocity", "warped"}`` for one unbatched pair."""
-    return jax.jit(lambda params, moving, fixed: model.apply(params, moving, fixed))
 
 
 # ------------------------------------------------------------------------------------------------ data parallel
@@ -236,7 +188,8 @@ def checkpoint_manager(directory, *, save_every: int = 1000, keep: int = 3):
 
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save_checkpoint(manager, state: TrainState, *, force: bool = False) -> bool:
@@ -273,9 +226,10 @@ def run_loop(state, step_fn, *, start: int, stop: int, total: int, manager, log_
       "steps_per_s": float}`` is appended to ``log_path`` (JSON lines) and the ``postfix`` terms shown on a tqdm bar
       of ``total`` steps (when ``progress``);
     - every ``checkpoint_every`` steps and at ``stop``, ``state`` is saved to ``manager`` (orbax, forced);
-    - ``check_finite(metrics, done)`` raises ``FloatingPointError`` on a non-finite step. The host reads a step's
-      ``finite`` flag only after dispatching the next step (at once at log and checkpoint steps), so it does not
-      wait on the device between steps, and a non-finite step stops the run before any later state is saved.
+    - ``check_finite(metrics, done, order=columns)`` raises ``FloatingPointError`` on a non-finite step. The host
+      reads a step's ``finite`` flag only after dispatching the next step (at once at log and checkpoint steps), so
+      it does not wait on the device between steps, and a non-finite step stops the run before any later state is
+      saved.
 
     ``metrics`` must hold ``finite`` and the ``columns`` terms. Closes ``manager`` and the bar, also on error.
     Returns the final state.
@@ -292,11 +246,11 @@ def run_loop(state, step_fn, *, start: int, stop: int, total: int, manager, log_
             for step in range(start, stop):
                 state, metrics = step_fn(state, step)
                 if pending is not None:
-                    check_finite(*pending)
+                    check_finite(*pending, order=columns)
                 done = step + 1
                 pending = (metrics, done)
                 if done % log_every == 0 or done == stop:
-                    check_finite(metrics, done)
+                    check_finite(metrics, done, order=columns)
                     now = time.perf_counter()
                     row = {"step": done, **{n: float(metrics[n]) for n in columns},
                            "steps_per_s": (done - since) / max(now - tick, 1e-9)}
@@ -308,10 +262,10 @@ def run_loop(state, step_fn, *, start: int, stop: int, total: int, manager, log_
                 if bar is not None:
                     bar.update(1)
                 if done % checkpoint_every == 0 or done == stop:
-                    check_finite(metrics, done)
+                    check_finite(metrics, done, order=columns)
                     save_checkpoint(manager, state, force=True)
             if pending is not None:
-                check_finite(*pending)
+                check_finite(*pending, order=columns)
     finally:
         if bar is not None:
             bar.close()
@@ -319,118 +273,112 @@ def run_loop(state, step_fn, *, start: int, stop: int, total: int, manager, log_
     return state
 
 
-# the terms of a ``fit`` log row (metrics.jsonl), between ``step`` and ``steps_per_s``
-LOG_COLUMNS = ("loss", "similarity", "regularizer", "dice", "grad_norm")
+# ------------------------------------------------------------------------------------------------ fit and load
+def save_config(config, workdir) -> None:
+    """Write ``workdir/config.json`` (the run's locked config) atomically."""
+    from jaxreg.data.io import atomic_write
 
-
-def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
-    """Train the network described by an ml_collections ``config`` in ``workdir``; resume from its checkpoints.
-
-    Writes ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (orbax) and ``workdir/metrics.jsonl`` (one row
-    per ``train.log_every`` steps: loss terms, grad_norm, steps_per_s). The dataset is built and checked before
-    anything is compiled. ``stop_at`` ends the run early after that step (saving a checkpoint), as a kill would.
-    ``config.data.augment`` (optional; ``jaxreg.data.augment.default_config()``) with ``enabled`` augments every
-    batch inside the jitted step with the step's key; with ``config.data.fixed_as_moving`` on a dataset whose fixed
-    image never changes, one batch is placed on the devices for the whole run (no loader). The loop is
-    ``run_loop``: a non-finite step raises ``FloatingPointError`` naming it before any later state is saved.
-    Returns the final ``TrainState``.
-    """
-    from jaxreg.data import datasets
-
-    dataset = datasets.from_config(config.data, split="train")  # validates files before any compilation
-    model, tx, step_fn = step_for_config(config, dataset)
-    t = config.train
-    mesh = make_mesh()
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
 
-    key = jax.random.key(config.seed)
-    state = replicate(create_state(model, tx, jax.random.fold_in(key, 0), dataset.shape), mesh)
-    manager = checkpoint_manager(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
-                                 keep=t.get("keep_checkpoints", 3))
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(config.to_json(indent=2))
+
+    atomic_write(os.path.join(workdir, "config.json"), write)
+
+
+def fit(directory, *, model, loss, train, shape, batches: Callable[[int, int], Iterator], key, columns,
+        place: str = "shard", stop_at: int | None = None, progress: bool = True, desc: str = "train",
+        postfix=("loss",)) -> TrainState:
+    """Train ``model`` on ``loss`` in ``directory``, resuming from its checkpoints; the ``fit`` of every method.
+
+    Args:
+      directory: gets ``checkpoints/<step>/`` (orbax) and ``metrics.jsonl`` (``run_loop``'s rows).
+      model: a Flax module; its parameters are initialised by ``init_params(model, fold_in(key, 0), shape)``.
+      loss: ``loss(params, batch, key) -> (value, terms)`` (module docstring).
+      train: the config's ``train`` block: ``optimizer``, ``learning_rate``, ``grad_clip``, ``schedule``, ``steps``,
+        ``log_every``, ``checkpoint_every``, ``keep_checkpoints``.
+      shape: spatial shape of the inputs ``model.init`` is traced with.
+      batches: ``batches(start, stop)`` yields the batches of steps ``start .. stop - 1`` in order (host or device
+        arrays); a generator's ``finally`` runs when training ends (closing a prefetching loader).
+      key: the run's PRNG key; step ``s`` gets ``fold_in(fold_in(key, 1), s)``, so a resumed run sees the keys (and,
+        with deterministic ``batches``, the data) an uninterrupted one would.
+      columns: the metric names of a log row (between ``step`` and ``steps_per_s``).
+      place: ``"shard"`` splits each batch's leading axis over the devices, ``"replicate"`` copies it to all.
+      stop_at: end after this step (saving a checkpoint), as an interruption would; rerun to resume.
+
+    Returns the final ``TrainState``. A non-finite step raises ``FloatingPointError`` (``check_finite``) before any
+    later state is saved.
+    """
+    if place not in ("shard", "replicate"):
+        raise ValueError(f"place must be 'shard' or 'replicate', got {place!r}")
+    tx = optimizer_from_config(train)
+    step_fn = make_train_step(loss, tx)
+    mesh = make_mesh()
+    state = replicate(create_state(model, tx, jax.random.fold_in(key, 0), shape), mesh)
+    manager = checkpoint_manager(os.path.join(directory, "checkpoints"), save_every=int(train.checkpoint_every),
+                                 keep=int(train.keep_checkpoints))
     restored = restore_checkpoint(manager, state)
     if restored is not None:
         state = restored
     start = int(state.step)
-    last = t.steps if stop_at is None else min(stop_at, t.steps)
+    last = int(train.steps) if stop_at is None else min(int(stop_at), int(train.steps))
     step_key = jax.random.fold_in(key, 1)
-    loader = None
-    if getattr(dataset, "constant", False):  # every batch is the same (FixedAsMoving): place it once
-        device_batch = shard_batch(datasets.make_batch(dataset, 0, t.batch_size), mesh)
-        next_batch = lambda: device_batch
-    else:
-        loader = datasets.Loader(dataset, batch_size=t.batch_size, seed=config.seed, start=start, stop=last,
-                                 prefetch=t.get("prefetch", 2))
-        batches = iter(loader)  # yields (step, batch) for start <= step < last, in order
-        next_batch = lambda: shard_batch(next(batches)[1], mesh)
+    put = (lambda b: shard_batch(b, mesh)) if place == "shard" else (lambda b: replicate(b, mesh))
+    stream = batches(start, last)
     try:
-        return run_loop(state, lambda s, step: step_fn(s, next_batch(), jax.random.fold_in(step_key, step)),
-                        start=start, stop=last, total=t.steps, manager=manager,
-                        log_path=os.path.join(workdir, "metrics.jsonl"), columns=LOG_COLUMNS,
-                        log_every=t.log_every, checkpoint_every=t.checkpoint_every, progress=progress)
+        return run_loop(state, lambda s, step: step_fn(s, put(next(stream)), jax.random.fold_in(step_key, step)),
+                        start=start, stop=last, total=int(train.steps), manager=manager,
+                        log_path=os.path.join(directory, "metrics.jsonl"), columns=tuple(columns),
+                        log_every=int(train.log_every), checkpoint_every=int(train.checkpoint_every),
+                        progress=progress, desc=desc, postfix=tuple(postfix))
     finally:
-        if loader is not None:
-            loader.close()
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, loss: LossConfig,
-                 augment: augment_lib.AugmentConfig | None = None):
-    """``(tx, train_step)`` shared by runs with equal settings, so their compiled steps are reused in-process."""
-    tx = make_optimizer(optimizer, learning_rate, grad_clip=grad_clip or None)
-    return tx, make_train_step(model, tx, loss, augment)
+def load_params(directory, *, model, shape, step: int | None = None):
+    """``(params, step)`` of the latest (or ``step``'s) checkpoint in ``directory/checkpoints``, for inference.
 
-
-def step_for_config(config, dataset):
-    """``(model, tx, train_step)`` of a config for ``dataset`` (its shape and number of labels), as ``fit`` uses.
-
-    Steps are cached per settings (model, optimiser, loss, augmentation), so calls with equal settings share one
-    compiled step in a process. Raises ``ValueError`` before anything is compiled when ``data.fixed_as_moving`` is
-    set without a spatial augmentation (every pair would be the identity).
+    Only the parameters are read (any optimiser's checkpoint loads). They are checked against ``model``'s for inputs
+    of spatial ``shape``: a checkpoint of another architecture raises ``ValueError`` saying which parameter differs;
+    a folder without checkpoints raises ``FileNotFoundError`` naming it.
     """
-    from jaxreg import models
+    import orbax.checkpoint as ocp
 
-    model = models.build(ndim=len(dataset.shape), **config.model)
-    loss = loss_config(config, dataset)
-    augment = augment_config(config, dataset)
-    if config.data.get("fixed_as_moving", False) and (augment is None or not augment.spatial):
-        raise ValueError("data.fixed_as_moving trains on moving = fixed: it needs data.augment.enabled with a "
-                         "non-zero spatial magnitude (rotation_deg, scaling, translation, shear or deform) to make "
-                         "the moving image")
-    t = config.train
-    tx, step_fn = _cached_step(model, t.optimizer, float(t.learning_rate), float(t.get("grad_clip") or 0.0), loss,
-                               augment)
-    return model, tx, step_fn
-
-
-def augment_config(config, dataset) -> augment_lib.AugmentConfig | None:
-    """The ``AugmentConfig`` of ``config.data.augment`` (None when absent or not enabled); ``num_labels`` from
-    the dataset (for one-hot label warping)."""
-    return augment_lib.from_config(config.data.get("augment"), num_labels=dataset.num_labels)
-
-
-def loss_config(config, dataset) -> LossConfig:
-    """The ``LossConfig`` of a config's ``loss`` block (``num_labels`` from the dataset)."""
-    c = config.loss
-    options = tuple(sorted(dict(c.get("similarity_options") or {}).items()))
-    return LossConfig(similarity=c.similarity, similarity_options=options, regularizer=c.regularizer,
-                      reg_weight=float(c.reg_weight), dice_weight=float(c.get("dice_weight", 0.0)),
-                      num_labels=int(dataset.num_labels or 0))
-
-
-def load_trained(config, workdir, shape, *, step: int | None = None):
-    """``(model, params, step)`` restored from ``workdir/checkpoints`` for images of spatial ``shape``."""
-    from jaxreg import models
-
-    model = models.build(ndim=len(shape), **config.model)
-    tx = make_optimizer(config.train.optimizer, config.train.learning_rate, grad_clip=config.train.get("grad_clip"))
-    template = create_state(model, tx, jax.random.key(0), shape)
-    manager = checkpoint_manager(os.path.join(workdir, "checkpoints"))
+    folder = os.path.join(os.fspath(directory), "checkpoints")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no checkpoint in {folder}: run train.py first")
+    abstract = init_shapes(model, shape)
+    manager = checkpoint_manager(folder)
     try:
-        state = restore_checkpoint(manager, template, step)
+        step = manager.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {folder}: run train.py first")
+        tree = manager.item_metadata(step).tree
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise ValueError(f"{folder}/{step}: not a training checkpoint (no 'params')")
+        _check_params(tree["params"], abstract, f"{folder}/{step}")
+        state = manager.restore(step, args=ocp.args.StandardRestore())
     finally:
         manager.close()
-    if state is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: run train.py first")
-    return model, state.params, int(state.step)
+    return jax.tree_util.tree_map(jnp.asarray, state["params"]), int(step)
+
+
+def _check_params(saved, abstract, where: str) -> None:
+    flat_saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    flat_model = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_leaves_with_path(abstract)}
+    for name in sorted(set(flat_saved) | set(flat_model)):
+        a, b = flat_saved.get(name), flat_model.get(name)
+        if a != b:
+            raise ValueError(f"checkpoint {where} does not fit the config's model: parameter {name} is "
+                             f"{'missing' if a is None else a} in the checkpoint and "
+                             f"{'absent' if b is None else b} in the model (was it trained with another "
+                             f"config.model or image shape?)")
+
+
+def init_shapes(model, shape):
+    """The parameters' ``ShapeDtypeStruct`` tree of ``model`` for inputs of spatial ``shape`` (nothing computed)."""
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, x)

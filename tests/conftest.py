@@ -20,3 +20,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def rng():
     """A seeded NumPy generator, fresh for every test."""
     return np.random.default_rng(0)
+
+
+def load_config(name: str, arg: str = ""):
+    """``configs/NAME.py``'s ``get_config(arg)`` (the configs folder is not a package: loaded by path)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

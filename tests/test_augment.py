@@ -3,8 +3,7 @@
 Small 2-D/3-D shapes; the training tests reuse test_training's tiny 2-D network (encoder (4, 8), decoder (8, 8, 4))
 on 32×32 images.
 """
-import importlib.util
-import os
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxreg import models, spatial, training
+from conftest import load_config
+from jaxreg import spatial, training
 from jaxreg.data import augment, datasets, synthetic
+from jaxreg.methods import voxelmorph
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32)
 SPATIAL = dict(rotation_deg=10.0, scaling=0.1, translation=3.0, shear=0.05, deform=2.0, deform_spacing=8.0)
 
@@ -188,10 +188,7 @@ def test_config_block_round_trip_and_errors():
 # Both tests train the same config ("atlas from one image": a 2-D folder dataset in atlas mode, moving = fixed,
 # augmentation makes the moving image), so they share one compiled step (training caches steps per settings).
 def _tiny_config(steps, folder):
-    spec = importlib.util.spec_from_file_location("synthetic_2d", os.path.join(ROOT, "configs", "synthetic_2d.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config("synthetic_2d")
     c.data.kind, c.data.path, c.data.mode, c.data.atlas = "folder", str(folder), "atlas", 0
     c.data.shape = SHAPE
     c.data.fixed_as_moving = True
@@ -215,17 +212,17 @@ def atlas(tmp_path_factory):
         nib.save(nib.Nifti1Image(p["fixed_labels"].astype(np.int16), np.eye(4)), str(folder / "labels" / f"s{i}.nii.gz"))
     config = _tiny_config(40, folder)
     train_set = datasets.from_config(config.data, split="train")
-    model, _, step = training.step_for_config(config, train_set)
-    loss = training.loss_config(config, train_set)
-    aug = training.augment_config(config, train_set)
-    return dict(config=config, train_set=train_set, model=model, step=step, loss=loss, aug=aug,
+    loss = voxelmorph.make_loss(config, train_set)
+    step = training.make_train_step(loss, training.optimizer_from_config(config.train))
+    plain = dataclasses.replace(loss, augment=None)  # the same loss on a batch as given
+    return dict(config=config, train_set=train_set, model=loss.model, step=step, loss=loss,
                 batch=datasets.make_batch(train_set, 0, 4),
-                loss_terms=jax.jit(training.loss_terms, static_argnums=(1, 3)),
-                augment=jax.jit(training.augment_step_batch, static_argnums=(2, 3)))
+                loss_terms=jax.jit(lambda params, batch: plain(params, batch, None)),
+                augment=jax.jit(loss.augmented))
 
 
 def test_train_step_augments_deterministically_per_key(atlas):
-    model, loss, aug, batch, step = atlas["model"], atlas["loss"], atlas["aug"], atlas["batch"], atlas["step"]
+    model, batch, step = atlas["model"], atlas["batch"], atlas["step"]
     assert np.array_equal(batch["moving"], batch["fixed"]) and "moving_labels" in batch
     tx = training.make_optimizer("adam", 1e-2)  # the config's optimiser (same state structure)
     params = jax.device_get(training.init_params(model, jax.random.key(0), SHAPE))  # host copy: the step donates
@@ -240,35 +237,35 @@ def test_train_step_augments_deterministically_per_key(atlas):
     first = run(k0)
     assert run(k0) == first  # same key, same augmented batch
     assert run(k1) != first
-    # the step's loss is the loss of augment_step_batch(batch, key): the augmented batch, not the loader's
-    augmented = atlas["augment"](batch, k0, aug, loss)
+    # the step's loss is the loss of loss.augmented(batch, key): the augmented batch, not the loader's
+    augmented = atlas["augment"](batch, k0)
     assert set(augmented) == {"moving", "fixed"}  # no Dice term: the labels are dropped, not warped
     assert not np.allclose(augmented["moving"], batch["moving"])
-    np.testing.assert_allclose(first, float(atlas["loss_terms"](params, model, augmented, loss)[0]), rtol=1e-5)
+    np.testing.assert_allclose(first, float(atlas["loss_terms"](params, augmented)[0]), rtol=1e-5)
     assert first > 1e-3  # moving = fixed would give a similarity of 0
-    sharded = atlas["augment"](training.shard_batch(batch, mesh), k0, aug, loss)
+    sharded = atlas["augment"](training.shard_batch(batch, mesh), k0)
     for k in augmented:  # a batch split over 2 devices gets the same augmentation
         np.testing.assert_allclose(sharded[k], augmented[k], atol=1e-5)  # float32 rounding only
     with pytest.raises(TypeError, match="AugmentConfig"):
-        training.make_train_step(model, tx, loss, {"rotation_deg": 1.0})
+        voxelmorph.Loss(model, augment={"rotation_deg": 1.0})
 
 
 def test_fit_from_one_image_resumes_exactly_and_lowers_the_loss(tmp_path, atlas, monkeypatch):
-    config, train_set, model, loss = atlas["config"], atlas["train_set"], atlas["model"], atlas["loss"]
+    config, train_set, model = atlas["config"], atlas["train_set"], atlas["model"]
     assert train_set.constant and np.array_equal(train_set.pair(3)["moving_labels"], train_set.pair(3)["fixed_labels"])
     assert not isinstance(datasets.from_config(config.data, split="test"), datasets.FixedAsMoving)
 
-    full = training.fit(config, str(tmp_path / "full"), progress=False)
-    training.fit(config, str(tmp_path / "part"), stop_at=15, progress=False)  # "killed" after step 15
-    resumed = training.fit(config, str(tmp_path / "part"), progress=False)
+    full = voxelmorph.fit(config, str(tmp_path / "full"), progress=False)
+    voxelmorph.fit(config, str(tmp_path / "part"), stop_at=15, progress=False)  # "killed" after step 15
+    resumed = voxelmorph.fit(config, str(tmp_path / "part"), progress=False)
     assert int(resumed.step) == 40
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
 
     # held-out augmented pairs of the template (a key the run never used): lower loss after 40 steps
-    held_out = atlas["augment"](atlas["batch"], jax.random.key(999), atlas["aug"], loss)
+    held_out = atlas["augment"](atlas["batch"], jax.random.key(999))
     initial = training.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0), SHAPE)
-    before, after = (float(atlas["loss_terms"](p, model, held_out, loss)[1]["similarity"])
+    before, after = (float(atlas["loss_terms"](p, held_out)[1]["similarity"])
                      for p in (initial, full.params))
     print(f"held-out similarity (MSE) before {before:.5f}, after 40 steps {after:.5f}")
     assert after < 0.6 * before, (before, after)
@@ -279,11 +276,11 @@ def test_fit_from_one_image_resumes_exactly_and_lowers_the_loss(tmp_path, atlas,
     with monkeypatch.context() as m:
         m.setattr(datasets, "make_batch", lambda *args: bad_batch)
         with pytest.raises(FloatingPointError, match="similarity term .* at step 1;"):
-            training.fit(config, str(tmp_path / "nan"), progress=False)
+            voxelmorph.fit(config, str(tmp_path / "nan"), progress=False)
     assert training.checkpoint_manager(str(tmp_path / "nan" / "checkpoints")).all_steps() == []
 
     config = config.copy_and_resolve_references()
     config.data.augment.enabled = False
     with pytest.raises(ValueError, match="fixed_as_moving"):
-        training.fit(config, str(tmp_path / "bad"), progress=False)
+        voxelmorph.fit(config, str(tmp_path / "bad"), progress=False)
     assert not (tmp_path / "bad").exists()

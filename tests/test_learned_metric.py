@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreg import losses, optimize, spatial, training, transforms
+from conftest import load_config
+from jaxreg import evaluation, optimize, spatial, training, transforms
 from jaxreg.methods import learned_metric as lm
-from jaxreg.models.similarity import PatchSimilarity, centre_slices, dense_similarity
+from jaxreg.models.learned_metric import PatchSimilarity, centre_slices, dense_similarity
 
 
 def _params(model, shape, seed=0):
@@ -79,13 +80,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-    import importlib.util
-
-    path = os.path.join(ROOT, "configs", "learned_metric.py")
-    spec = importlib.util.spec_from_file_location("learned_metric_cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("learned_metric")
     c.data.kind = "synthetic"
     c.data.shape = (32, 32)
     c.data.num_labels = 8
@@ -105,7 +100,6 @@ def _config():
     c.eval.methods = ("identity", "mi", "learned")
     c.eval.register = dict(transform="translation", init=None, deformable=None, affine_levels=(1,),
                            affine_iterations=(40,), affine_learning_rate=0.05)
-    c.eval.verbose = False
     return c
 
 
@@ -151,7 +145,7 @@ def test_trained_metric_ranks_aligned_above_misaligned_and_its_gradient_realigns
 
     @jax.jit
     def check(f, m):
-        aligned = losses.SIMILARITIES["learned"](f, m, checkpoint=path)
+        aligned = lm.metric(f, m, checkpoint=path)
 
         def loss(t, moved):  # moved pulled through the translation t
             return lm.metric(f, spatial.warp(moved, spatial.affine_to_disp(transforms.translation(t), f.shape)),
@@ -175,14 +169,14 @@ def test_learned_metric_through_the_engine_and_evaluate(trained, tmp_path):
     p = lm.make_pair(config.data, seed=config.data.test_seed, index=1, aligned=True)
     f = jnp.asarray(p["fixed"])
     m = _translated(jnp.asarray(p["moving"]), (2.0, -1.0))
-    res = optimize.register(f, m, metric="learned", metric_options={"checkpoint": lm.variant_dir(workdir, 3)},
+    res = optimize.register(f, m, metric=lm.metric, metric_options={"checkpoint": lm.variant_dir(workdir, 3)},
                             **config.eval.register)
     t = np.asarray(res.matrix[:2, 2])
     # most of the way from identity towards the true translation (this briefly trained metric is weak in axis 1)
     assert np.linalg.norm(t - [2.0, -1.0]) < 0.7 * np.linalg.norm([2.0, -1.0]), t
     assert res.disp.dtype == jnp.float32 and np.isfinite(np.asarray(res.disp)).all()
 
-    out = lm.evaluate(config, workdir, out=str(tmp_path / "eval"))
+    out = evaluation.evaluate(config, workdir, out=str(tmp_path / "eval"))
     assert {r["method"] for r in out["rows"]} == {"identity", "mi", "learned (k=all, 3)"}
     assert "| learned (k=all, 3) |" in out["markdown"]
     for name in ("results.csv", "results.json", "results.md"):
@@ -192,15 +186,13 @@ def test_learned_metric_through_the_engine_and_evaluate(trained, tmp_path):
 
 
 def test_nonfinite_training_step_names_variant_step_and_term(tmp_path, monkeypatch):
-    import optax
-
     def nan_step(state, data, key):  # a step whose loss diverged at step 2 (no compilation)
         bad = int(state.step) == 1
         metrics = {n: jnp.asarray(1.0) for n in lm.LOG_COLUMNS}
         metrics.update(loss=jnp.asarray(np.nan if bad else 0.5), finite=jnp.asarray(not bad))
         return state.replace(step=state.step + 1), metrics
 
-    monkeypatch.setattr(lm, "_cached_step", lambda *args: (optax.sgd(0.1), nan_step))
+    monkeypatch.setattr(training, "make_train_step", lambda loss, tx: nan_step)
     config = _config()
     config.train.steps, config.train.checkpoint_every = 4, 2
     with pytest.raises(FloatingPointError, match=r"learned metric k=3: .*non-finite loss term \(nan\) at step 2;"):
@@ -214,7 +206,7 @@ def test_bad_checkpoint_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         lm.metric(f, f, checkpoint=missing)
     with pytest.raises(FileNotFoundError, match="no_such_model"):
-        optimize.register(f, f, metric="learned", metric_options={"checkpoint": missing}, transform=None,
+        optimize.register(f, f, metric=lm.metric, metric_options={"checkpoint": missing}, transform=None,
                           deformable="disp", levels=(1,), iterations=(2,))
     empty = tmp_path / "empty"
     empty.mkdir()

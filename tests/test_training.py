@@ -1,8 +1,9 @@
-"""Training: the step lowers the loss, a short run improves Dice, sharded = single device, resume = uninterrupted,
-non-finite errors, datasets and loader, and a one-step train.py + evaluate.py smoke run.
+"""Training (generic, through the VoxelMorph method): the step lowers the loss, a short run improves Dice, sharded =
+single device, resume = uninterrupted, non-finite errors, parameters reload (and a wrong model is named), datasets
+and loader, and a one-step train.py + evaluate.py smoke run.
 
 All runs use one tiny 2-D network (encoder (4, 8), decoder (8, 8, 4)) on 32×32 synthetic pairs, so the compiled
-steps are shared between tests (``training.fit`` caches its step per settings).
+steps are shared between tests (``training.make_train_step`` is cached per loss and optimiser).
 """
 import importlib.util
 import json
@@ -16,18 +17,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import load_config
 from jaxreg import metrics, models, spatial, training
 from jaxreg.data import datasets
+from jaxreg.methods import voxelmorph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32)
 
 
 def tiny_config(steps=40):
-    spec = importlib.util.spec_from_file_location("synthetic_2d", os.path.join(ROOT, "configs", "synthetic_2d.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config("synthetic_2d")
     c.data.shape = SHAPE
     c.data.num_labels = 4
     c.data.synthetic.deform_scale = 4.0
@@ -49,9 +49,9 @@ def tiny_config(steps=40):
 @pytest.fixture(scope="module")
 def setup():
     model = models.build(ndim=2, preset=None, encoder=(4, 8), decoder=(8, 8, 4))
-    loss = training.LossConfig(similarity="mse", reg_weight=0.05, dice_weight=1.0, num_labels=4)
+    loss = voxelmorph.Loss(model, similarity="mse", reg_weight=0.05, dice_weight=1.0, num_labels=4)
     tx = training.make_optimizer("adam", 3e-3)
-    step = training.make_train_step(model, tx, loss)
+    step = training.make_train_step(loss, tx)
     ds = datasets.SyntheticPairs(SHAPE, seed=0, num_labels=4, deform_scale=4.0)
     batch = datasets.make_batch(ds, 0, 4)
     return model, tx, step, batch
@@ -82,8 +82,8 @@ def test_sharded_step_equals_single_device(setup):
     # plain SGD, so parameters differ only by the gradients' float32 summation order (Adam's normalised first
     # steps would turn rounding in near-zero gradients into lr-sized differences)
     tx = training.make_optimizer("sgd", 0.5)
-    step = training.make_train_step(model, tx, training.LossConfig(similarity="mse", reg_weight=0.05, dice_weight=1.0,
-                                                                   num_labels=4))
+    step = training.make_train_step(voxelmorph.Loss(model, similarity="mse", reg_weight=0.05, dice_weight=1.0,
+                                                    num_labels=4), tx)
     out, first = [], []
     for devices in (jax.devices()[:1], jax.devices()[:2]):
         mesh = training.make_mesh(devices)
@@ -112,7 +112,7 @@ def test_nonfinite_loss_names_step_and_term(setup):
     bad["moving"][0, 3, 3] = np.nan
     state, m = step(state, training.shard_batch(bad, mesh), jax.random.key(0))
     with pytest.raises(FloatingPointError, match=r"similarity term .* at step 7"):
-        training.check_finite(m, 7)
+        training.check_finite(m, 7, order=voxelmorph.LOG_COLUMNS)
     after = jax.device_get(state.params)  # the bad update was not applied
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)))
 
@@ -150,7 +150,7 @@ def test_run_loop_logs_checkpoints_resumes_and_stops_on_nonfinite(tmp_path):
 
 
 def _dice(model, params, ds, n):
-    predict = training.make_predict(model)
+    predict = voxelmorph.make_predict(model)
     scores = {"identity": [], "network": []}
     for i in range(n):
         p = ds.pair(i)
@@ -163,22 +163,32 @@ def _dice(model, params, ds, n):
 
 def test_resume_equals_uninterrupted_and_training_improves_dice(tmp_path):
     config = tiny_config(steps=12)
-    full = training.fit(config, str(tmp_path / "full"), progress=False)
-    part = training.fit(config, str(tmp_path / "part"), stop_at=7, progress=False)  # "killed" after step 7
+    full = voxelmorph.fit(config, str(tmp_path / "full"), progress=False)
+    part = voxelmorph.fit(config, str(tmp_path / "part"), stop_at=7, progress=False)  # "killed" after step 7
     assert int(part.step) == 7
     assert 7 in training.checkpoint_manager(str(tmp_path / "part" / "checkpoints")).all_steps()
-    resumed = training.fit(config, str(tmp_path / "part"), progress=False)
+    resumed = voxelmorph.fit(config, str(tmp_path / "part"), progress=False)
     assert int(resumed.step) == 12
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [10, 12] and all(np.isfinite(r["loss"]) for r in rows)
     # 160 steps (same compiled step) already register held-out pairs better than the identity
-    trained = training.fit(tiny_config(steps=160), str(tmp_path / "long"), progress=False)
+    trained = voxelmorph.fit(tiny_config(steps=160), str(tmp_path / "long"), progress=False)
     test = datasets.SyntheticPairs(SHAPE, seed=123, num_labels=4, deform_scale=4.0)
-    model = models.build(ndim=2, preset=None, encoder=(4, 8), decoder=(8, 8, 4))
-    scores = _dice(model, trained.params, test, 6)
+    model, params, step = voxelmorph.load(tiny_config(), str(tmp_path / "long"), SHAPE)  # from the checkpoint
+    assert step == 160
+    for a, b in zip(jax.tree_util.tree_leaves(trained.params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scores = _dice(model, params, test, 6)
     assert scores["network"] > scores["identity"] + 0.01, scores
+    # a checkpoint of another architecture is refused with the parameter named, before anything is compiled
+    other = tiny_config()
+    other.model.encoder = (4, 4)
+    with pytest.raises(ValueError, match=r"does not fit the config's model: parameter .*dec0.* is \(3, 3, 8, 8\) in the checkpoint"):
+        voxelmorph.load(other, str(tmp_path / "long"), SHAPE)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        voxelmorph.load(tiny_config(), str(tmp_path / "nowhere"), SHAPE)
 
 
 def test_loader_is_deterministic_and_resumable():
@@ -222,7 +232,7 @@ def test_bad_datasets_fail_before_training(tmp_path, rng):
     (tmp_path / "empty").mkdir()
     config.data.path = str(tmp_path / "empty")
     with pytest.raises(ValueError, match="no NIfTI images"):
-        training.fit(config, str(tmp_path / "w1"), progress=False)
+        voxelmorph.fit(config, str(tmp_path / "w1"), progress=False)
     assert not (tmp_path / "w1" / "checkpoints").exists()
     # label map shape different from its image
     bad = tmp_path / "bad"
@@ -233,13 +243,13 @@ def test_bad_datasets_fail_before_training(tmp_path, rng):
         _save(bad / "labels" / f"a{i}.nii.gz", np.zeros((16, 12) if i else (16, 16), np.int16))
     config.data.path = str(bad)
     with pytest.raises(ValueError, match=r"a1.nii.gz: label map shape \(16, 12\) differs"):
-        training.fit(config, str(tmp_path / "w2"), progress=False)
+        voxelmorph.fit(config, str(tmp_path / "w2"), progress=False)
     # missing file in a JSON list
     spec = {"training": [{"image": "./images/a0.nii.gz"}, {"image": "./images/missing.nii.gz"}]}
     (bad / "dataset.json").write_text(json.dumps(spec))
     config.data.kind, config.data.path = "json", str(bad / "dataset.json")
     with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
-        training.fit(config, str(tmp_path / "w3"), progress=False)
+        voxelmorph.fit(config, str(tmp_path / "w3"), progress=False)
     with pytest.raises(FileNotFoundError, match="not found"):
         datasets.from_folder(tmp_path / "nowhere")
 
@@ -254,15 +264,19 @@ def test_train_and_evaluate_scripts_smoke(tmp_path):
                             *overrides], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     assert os.path.isfile(os.path.join(work, "config.json")) and os.path.isfile(os.path.join(work, "metrics.jsonl"))
-    ev = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *cfg, "--workdir", work, "--num_pairs=1",
-                         "--config.eval.instance_iterations=3", "--config.eval.figures=1",
-                         "--methods=network,network+io,affine", *overrides], capture_output=True, text=True,
-                        env=env, cwd=str(tmp_path), timeout=300)
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *cfg, "--workdir", work,
+                         "--config.eval.num_pairs=1", "--config.eval.instance_iterations=3", "--config.eval.figures=1",
+                         "--config.eval.methods=('network','network+io','affine')", *overrides], capture_output=True,
+                        text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.load(open(os.path.join(work, "eval", "results.json")))
     assert set(result["summary"]) == {"identity", "network", "network+io", "affine"}  # classical: affine's path
     for row in result["rows"]:
         assert 0 <= row["dice_mean"] <= 1 and row["seconds"] >= 0 and row["folding_pct"] >= 0
     assert "| network+io |" in open(os.path.join(work, "eval", "results.md")).read()
+    # the config is locked: a misspelt field is an error, not a silently ignored option
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *cfg, "--workdir", work,
+                          "--config.eval.num_pair=1"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "num_pair" in bad.stderr
     if importlib.util.find_spec("matplotlib") is not None:  # figures for the first pair, one per method
         assert len([f for f in os.listdir(os.path.join(work, "eval", "figures")) if f.endswith(".png")]) == 4

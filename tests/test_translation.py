@@ -3,7 +3,6 @@ direct NumPy computation, R's landmark error falls on a toy case, one-step fit +
 
 Tiny networks on 32×32 images keep compilations few and fast.
 """
-import importlib.util
 import json
 import os
 
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxreg import losses, training
+from conftest import load_config
+from jaxreg import evaluation, losses, metrics, training
 from jaxreg.data import synthetic
 from jaxreg.methods import translation as mt
 from jaxreg.models import translation as tm
@@ -24,15 +24,8 @@ TINY = dict(preset=None, encoder=(4, 8), decoder=(8, 8, 4), affine_encoder=(4, 8
             translation_encoder=(4, 8), translation_decoder=(8, 8, 4))
 
 
-def load_config(arg=""):
-    spec = importlib.util.spec_from_file_location("translation_cfg", os.path.join(ROOT, "configs", "translation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
 def tiny_config(steps=2):
-    c = load_config()
+    c = load_config("translation")
     c.data.shape = SHAPE  # centre crop of the MNI slices
     c.model.update(TINY)
     c.train.steps = steps
@@ -77,10 +70,10 @@ def test_shapes_2d_3d_and_identity_at_init(rng):
     with pytest.raises(ValueError, match="data.kind"):
         mt.make_dataset(c.data)
     # 3-D config flag
-    c3 = load_config("3d")
+    c3 = load_config("translation", "3d")
     assert c3.data.kind == "mni" and len(c3.data.shape) == 3
     with pytest.raises(ValueError, match="unknown argument"):
-        load_config("4d")
+        load_config("translation", "4d")
     with pytest.raises(ValueError, match="registration must be one of"):
         tm.build(ndim=2, registration="bspline")
     # the affine R starts at the identity (zero head), the dense R close to it
@@ -106,8 +99,7 @@ def test_reconstruction_losses_as_written(rng):
     fixed = rng.random(SHAPE)
     moving = ndimage.gaussian_filter(rng.random(SHAPE), 1.5) * 3
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    spec = mt.LossSpec(objective="translation", reg_weight=0.3, translate_first_weight=1.0,
-                       register_first_weight=0.5)
+    spec = dict(objective="translation", reg_weight=0.3, translate_first_weight=1.0, register_first_weight=0.5)
 
     # affine R with a known head: A_n - I and t_n in normalised coordinates
     model = tm.build(ndim=2, registration="affine", **TINY)
@@ -116,7 +108,7 @@ def test_reconstruction_losses_as_written(rng):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.asarray(head, x.dtype) if "affine_head" in str(path) and "bias" in str(path) else x,
         params)
-    terms = mt.example_terms(params, model, f32(moving), f32(fixed), spec)
+    terms = mt.Loss(model, **spec).example(params, f32(moving), f32(fixed))
     c, h = (np.array(SHAPE) - 1) / 2, (np.array(SHAPE) - 1) / 2
     a = np.diag(h) @ (np.eye(2) + head[:4].reshape(2, 2)) @ np.diag(1 / h)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in SHAPE], indexing="ij"), -1)
@@ -135,7 +127,7 @@ def test_reconstruction_losses_as_written(rng):
     model = tm.build(ndim=2, registration="dense", **TINY)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 2e4 if "flow" in str(path) and "kernel" in str(path) else x, _init(model))
-    terms = mt.example_terms(params, model, f32(moving), f32(fixed), spec)
+    terms = mt.Loss(model, **spec).example(params, f32(moving), f32(fixed))
     disp = np.asarray(model.apply(params, f32(moving), f32(fixed))["disp"], np.float64)
     assert np.abs(disp).max() > 0.1
     translate = lambda x: np.asarray(model.apply(params, f32(x), method=tm.TranslationRegistration.translate),
@@ -149,7 +141,7 @@ def test_reconstruction_losses_as_written(rng):
     np.testing.assert_allclose(float(terms["loss"]), tf + 0.5 * rf + 0.3 * reg, rtol=2e-4)
 
     # a baseline objective is the similarity across modalities, T unused
-    base = mt.example_terms(params, model, f32(moving), f32(fixed), mt.LossSpec(objective="ncc", reg_weight=0.3))
+    base = mt.Loss(model, objective="ncc", reg_weight=0.3).example(params, f32(moving), f32(fixed))
     ncc = losses.ncc(f32(fixed), f32(_np_warp(moving, disp)))
     np.testing.assert_allclose(float(base["similarity"]), float(ncc), rtol=1e-3)
     assert float(base["translate_first"]) == 0.0
@@ -164,11 +156,18 @@ def _toy_pair(index):
     return p
 
 
+def _tre(points, disp_pred, disp_true, spacing):
+    """Per-landmark TRE (mm) of a predicted field against the true one at fixed-grid voxels ``points``."""
+    idx, p = tuple(np.asarray(points).T), np.asarray(points, np.float64)
+    return metrics.tre(p + np.asarray(disp_pred, np.float64)[idx], p + np.asarray(disp_true, np.float64)[idx],
+                       spacing=spacing)
+
+
 def test_joint_training_lowers_landmark_error():
     """100 steps of the joint objective on one batch of 4 pairs bring R's landmark error on them down by > 20 %."""
     model = tm.build(ndim=2, registration="dense", **TINY)
     tx = training.make_optimizer("adam", 1e-2)
-    step = mt.make_train_step(model, tx, mt.LossSpec(objective="translation", reg_weight=0.05))
+    step = training.make_train_step(mt.Loss(model, objective="translation", reg_weight=0.05), tx)
     state = training.create_state(model, tx, jax.random.key(0), SHAPE)
     pairs = [_toy_pair(i) for i in range(4)]
     batch = {k: jnp.stack([jnp.asarray(p[k]) for p in pairs]) for k in ("moving", "fixed")}
@@ -179,7 +178,7 @@ def test_joint_training_lowers_landmark_error():
         for p in pairs:
             pts = mt.landmarks(p["fixed_labels"], num=50, seed=0)
             disp = register(params, jnp.asarray(p["moving"]), jnp.asarray(p["fixed"]))
-            errs.append(mt.tre(pts, disp, p["disp"], (1.0, 1.0)).mean())
+            errs.append(_tre(pts, disp, p["disp"], (1.0, 1.0)).mean())
         return float(np.mean(errs))
 
     before = mean_tre(state.params)
@@ -204,15 +203,17 @@ def test_fit_resume_and_evaluate_smoke(tmp_path):
     base.objective = "ncc"
     mt.fit(base, work + "_ncc", progress=False)
 
-    result = mt.evaluate(config, work)
+    result = evaluation.evaluate(config, work)
     names = list(result["summary"])
     assert names == ["identity", "R: translation (dense)", "R: ncc (dense)"], names
-    assert result["missing"] and "mi" in result["missing"][0]
+    saved = json.load(open(os.path.join(work, "eval", "results.json")))
+    assert saved["missing"] and "mi" in saved["missing"][0] and "baselines not found" in result["markdown"]
+    assert saved["steps"] == {"R: translation (dense)": 2, "R: ncc (dense)": 1}
     for name in names:
         s = result["summary"][name]
-        assert s["tre"]["n"] == 2 and np.isfinite(s["tre"]["mean"]) and 0 <= s["dice_mean"]["mean"] <= 1
+        assert s["tre_mm"]["n"] == 2 and np.isfinite(s["tre_mm"]["mean"]) and 0 <= s["dice_mean"]["mean"] <= 1
     assert "t_l1" in result["summary"]["R: translation (dense)"]
-    for f in ("results.csv", "results.json", "results.md", "figures/pair000.png"):
+    for f in ("results.csv", "results.json", "results.md", "figures/pair000_R_translation_dense.png"):
         assert os.path.isfile(os.path.join(work, "eval", f)), f
     assert "| identity |" in open(os.path.join(work, "eval", "results.md")).read()
     # identity TRE is the true displacement's length at the landmarks
@@ -221,14 +222,14 @@ def test_fit_resume_and_evaluate_smoke(tmp_path):
     pts = mt.landmarks(p["fixed_labels"], num=20, seed=[config.data.test_seed, 0])
     expected = np.linalg.norm(p["disp"][tuple(pts.T)] * p["spacing"], axis=-1).mean()  # mm
     row = next(r for r in result["rows"] if r["pair"] == 0 and r["method"] == "identity")
-    np.testing.assert_allclose(row["tre"], expected, rtol=1e-5)
+    np.testing.assert_allclose(row["tre_mm"], expected, rtol=1e-5)
     # the network row is R applied as (moving, fixed) = (I_a, I_b)
-    model, params, step = mt.load_trained(config, work, SHAPE)
+    model, params, step = mt.load(config, work, SHAPE)
     assert step == 2
     disp = model.apply(params, jnp.asarray(p["moving"]), jnp.asarray(p["fixed"]),
                        method=tm.TranslationRegistration.register)["disp"]
     row = next(r for r in result["rows"] if r["pair"] == 0 and r["method"] == "R: translation (dense)")
-    np.testing.assert_allclose(row["tre"], mt.tre(pts, disp, p["disp"], p["spacing"]).mean(), rtol=1e-4)
+    np.testing.assert_allclose(row["tre_mm"], _tre(pts, disp, p["disp"], p["spacing"]).mean(), rtol=1e-4)
 
     with pytest.raises(ValueError, match="objective"):
         bad = tiny_config()

@@ -451,7 +451,7 @@ def from_config(cfg, *, num_labels: int | None = None) -> AugmentConfig | None:
 
     Unknown fields raise ``ValueError`` (a misspelt magnitude would otherwise be silently ignored).
     """
-    if cfg is None or not cfg.get("enabled", False):
+    if cfg is None or not cfg.enabled:
         return None
     known = {f.name for f in dataclasses.fields(AugmentConfig)} - {"num_labels"}
     values = {k: v for k, v in dict(cfg).items() if k != "enabled"}

@@ -286,7 +286,7 @@ def from_config(cfg, *, split: str = "train"):
     moving image); the test split keeps the kind's usual pairs.
     """
     dataset = _from_config(cfg, split=split)
-    if split == "train" and cfg.get("fixed_as_moving", False):
+    if split == "train" and cfg.fixed_as_moving:
         return FixedAsMoving(dataset)
     return dataset
 
@@ -294,15 +294,15 @@ def from_config(cfg, *, split: str = "train"):
 def _from_config(cfg, *, split: str):
     kind = cfg.kind
     seed = int(cfg.seed if split == "train" else cfg.test_seed)
-    shape = tuple(cfg.shape) if cfg.get("shape") is not None else None
+    shape = tuple(cfg.shape) if cfg.shape else None
     if kind == "synthetic":
-        return SyntheticPairs(shape, seed=seed, num_labels=cfg.num_labels, **dict(cfg.get("synthetic") or {}))
+        return SyntheticPairs(shape, seed=seed, num_labels=cfg.num_labels, **dict(cfg.synthetic or {}))
     if kind == "mni":
-        return MNIPairs(shape, seed=seed, resolution=cfg.get("resolution", 2), **dict(cfg.get("mni") or {}))
-    path = cfg.get("test_path") if split == "test" and cfg.get("test_path") else cfg.path
+        return MNIPairs(shape, seed=seed, resolution=cfg.resolution, **dict(cfg.mni or {}))
+    path = cfg.test_path if split == "test" and cfg.test_path else cfg.path
     if not path:
         raise ValueError(f"data.kind={kind!r} needs data.path")
-    opts = dict(shape=shape, mode=cfg.get("mode", "pairwise"), atlas=cfg.get("atlas", 0), seed=seed)
+    opts = dict(shape=shape, mode=cfg.mode, atlas=cfg.atlas, seed=seed)
     if kind == "folder":
         return from_folder(path, **opts)
     if kind == "json":

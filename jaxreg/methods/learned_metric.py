@@ -1,10 +1,12 @@
 """Learned similarity metric for multimodal registration (Simonovsky et al., MICCAI 2016).
 
-A patch CNN ``N`` (``jaxreg.models.similarity.PatchSimilarity``) learns whether a fixed-modality patch and a
+A patch CNN ``N`` (``jaxreg.models.learned_metric.PatchSimilarity``) learns whether a fixed-modality patch and a
 moving-modality patch show the same anatomy in alignment. Used as a metric it is evaluated densely on every patch of
 the fixed image and the warped moving image, ``M(F, M∘T) = mean_P N(F(P), (M∘T)(P))``, and minimised through the
-classical engine as ``metric="learned"`` (``jaxreg.losses.SIMILARITIES``; options ``checkpoint=PATH`` and optionally
-``stride``, ``form``, see :func:`metric`).
+classical engine by passing :func:`metric` itself as the similarity: ``optimize.register(f, m,
+metric=learned_metric.metric, metric_options={"checkpoint": PATH})`` (optionally ``stride``, ``form``); the
+``jaxreg`` command's ``--metric learned --metric-checkpoint PATH`` does the same. ``jaxreg.losses`` does not know
+this module (no import from a lower layer to a higher one).
 
 Training (``fit``): from ``k`` *aligned* multimodal pairs (the data generators with their deformation switched
 off: one anatomy rendered in both contrasts), patches are drawn online inside the jitted step. A patch centre ``c``
@@ -24,7 +26,7 @@ Layout of a run (``fit(config, workdir)``): one model per ``k`` of ``config.trai
 initial parameters and draw from the same random stream, so they differ only in the training pairs (the first
 ``k`` of ``data.num_train_pairs``).
 
-``evaluate(config, workdir)`` registers held-out multimodal pairs (another seed) with the engine's affine +
+``evaluation(config, workdir)`` (run by ``evaluate.py``) registers held-out multimodal pairs (another seed) with the engine's affine +
 deformable pipeline using MI, MI restricted to brain masks, and the learned metric of every ``k``, and reports Dice
 and Jaccard (mean over labels 1..K-1) as mean ± std over pairs, like Table 1 of the paper.
 """
@@ -32,17 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import spatial, training, transforms
-from jaxreg.models.similarity import FORMS, PatchSimilarity, dense_similarity
+from jaxreg.methods import Evaluation
+from jaxreg.models.learned_metric import FORMS, PatchSimilarity, dense_similarity
 
 MODEL_FILE = "model.json"
 LOSSES = ("logistic", "hinge")
@@ -261,44 +264,34 @@ def pair_loss(params, model, fixed, pos, neg, *, loss: str = "logistic"):
     return value, {"loss": value, "accuracy": acc, "score_pos": jnp.mean(z_pos), "score_neg": jnp.mean(z_neg)}
 
 
-def make_train_step(model, tx, *, aug: Augment, batch: int, loss: str = "logistic"):
-    """Jitted ``train_step(state, data, key) -> (state, metrics)`` with ``state`` donated.
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """The training loss as a hashable callable ``loss(params, data, key) -> (value, terms)`` for
+    ``jaxreg.training``.
 
     ``data``: the tuple of :func:`training_arrays` (one dict per scale); each scale contributes ``batch`` patch
-    triples, drawn inside the step from ``key``. ``metrics``: those of :func:`pair_loss`, ``grad_norm`` and
-    ``finite``; a non-finite loss or gradient leaves the state unchanged (``finite = False``).
+    triples, drawn inside the step from ``key``; ``terms``: those of :func:`pair_loss` but ``loss``.
     """
-    import optax
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    size = model.patch_size
-    net = model.clone(impl="xla")  # same parameters; on patches it compiles in about half im2col's time
+    model: PatchSimilarity
+    aug: Augment
+    batch: int
+    kind: str = "logistic"
 
-    def train_step(state, data, key):
+    def __post_init__(self):
+        if self.kind not in LOSSES:
+            raise ValueError(f"config.train.loss must be one of {LOSSES}, got {self.kind!r}")
+
+    def __call__(self, params, data, key):
         # one draw for all scales: every random call site costs seconds of XLA:CPU compilation
         nd = data[0]["fixed"].ndim - 1
-        u = jax.random.uniform(key, (len(data), batch, _num_uniforms(nd)), data[0]["fixed"].dtype)
-        triples = [_patches_from_uniforms(u[i], d, size=size, aug=aug) for i, d in enumerate(data)]
+        u = jax.random.uniform(key, (len(data), self.batch, _num_uniforms(nd)), data[0]["fixed"].dtype)
+        size = self.model.patch_size
+        triples = [_patches_from_uniforms(u[i], d, size=size, aug=self.aug) for i, d in enumerate(data)]
         fixed, pos, neg = (jnp.concatenate([t[i] for t in triples]) for i in range(3))
-        (value, metrics), grads = jax.value_and_grad(pair_loss, has_aux=True)(state.params, net, fixed, pos, neg,
-                                                                              loss=loss)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new = training.TrainState(step=state.step + 1, params=jax.tree_util.tree_map(keep, params, state.params),
-                                  opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
-        return new, {**metrics, "grad_norm": grad_norm, "finite": finite}
-
-    return jax.jit(train_step, donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_step(model, optimizer: str, learning_rate: float, grad_clip: float, aug: Augment, batch: int, loss: str):
-    tx = training.make_optimizer(optimizer, learning_rate, grad_clip=grad_clip or None)
-    return tx, make_train_step(model, tx, aug=aug, batch=batch, loss=loss)
+        net = self.model.clone(impl="xla")  # same parameters; on patches it compiles in about half im2col's time
+        value, terms = pair_loss(params, net, fixed, pos, neg, loss=self.kind)
+        return value, {k: v for k, v in terms.items() if k != "loss"}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and metric
@@ -331,18 +324,11 @@ def _latest_step(path: str) -> int | None:
 def _load(path: str, step: int):
     info = _read_info(path)
     model = build_model(info["ndim"], **info["model"])
-    t = info["train"]
-    tx = training.make_optimizer(t["optimizer"], t["learning_rate"], grad_clip=t.get("grad_clip") or None)
     shape = (model.patch_size,) * model.ndim
     # the metric is first called while a registration is being traced: keep loading out of that trace
     with jax.ensure_compile_time_eval():
-        template = jax.eval_shape(lambda: training.create_state(model, tx, jax.random.key(0), shape))
-        manager = training.checkpoint_manager(os.path.join(path, "checkpoints"))
-        try:
-            state = training.restore_checkpoint(manager, template, step)
-        finally:
-            manager.close()
-        return model, jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
+        params, _ = training.load_params(path, model=model, shape=shape, step=step)
+        return model, jax.tree_util.tree_map(np.asarray, jax.device_get(params))
 
 
 def load(checkpoint) -> tuple[PatchSimilarity, dict]:
@@ -362,13 +348,14 @@ def load(checkpoint) -> tuple[PatchSimilarity, dict]:
 
 
 def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str = "score"):
-    """The learned similarity as a registration loss (``losses.SIMILARITIES["learned"]``); lower is better.
+    """The learned similarity as a registration loss (a similarity callable for ``optimize.register``'s
+    ``metric``); lower is better.
 
     ``fixed``, ``warped``: ``(*S)`` float images (2-D or 3-D, as the model was trained) in about [0, 1];
     ``checkpoint``: the model folder (``WORKDIR/k<K>``); the parameters are loaded once per path and saved step and
     become constants of the caller's compiled program (the engine caches that program by its options, so a model
     retrained into the same folder is picked up by a new process, not by the one that already used it).
-    ``mask``, ``stride``, ``form``: see ``jaxreg.models.similarity.dense_similarity`` (``"score"``: minus the mean
+    ``mask``, ``stride``, ``form``: see ``jaxreg.models.learned_metric.dense_similarity`` (``"score"``: minus the mean
     logit over all patches).
     """
     if form not in FORMS:
@@ -417,194 +404,99 @@ LOG_COLUMNS = ("loss", "accuracy", "score_pos", "score_neg", "grad_norm")  # met
 def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     """Train one metric per ``k`` in ``config.train.ks`` under ``workdir/k{k}``; resume from saved checkpoints.
 
-    Each variant runs ``config.train.steps`` steps (``stop_at``: stop every variant after that step, saving a
-    checkpoint, as a kill would; rerun to resume). The random stream depends on the step only, so a resumed run
-    reproduces an uninterrupted one. Returns the ``TrainState`` of the last variant.
+    Each variant runs ``config.train.steps`` steps through ``jaxreg.training.fit`` (``stop_at``: stop every variant
+    after that step, saving a checkpoint, as a kill would; rerun to resume). The random stream depends on the step
+    only, so a resumed run reproduces an uninterrupted one. Returns the ``TrainState`` of the last variant.
     """
     t = config.train
     ks = _ks(config)
-    if t.loss not in LOSSES:
-        raise ValueError(f"config.train.loss must be one of {LOSSES}, got {t.loss!r}")
     ndim = len(tuple(config.data.shape))
     model = build_model(ndim, **_model_kwargs(config))
     aug = _augment(config)
     scales = tuple(int(s) for s in t.scales)
-    batch = int(t.batch_size)
-    tx, step_fn = _cached_step(model, t.optimizer, float(t.learning_rate), float(t.get("grad_clip") or 0.0), aug,
-                               batch, t.loss)
+    loss = Loss(model, aug, int(t.batch_size), t.loss)
     pairs = training_pairs(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    training.save_config(config, workdir)
     # "rbg" keys: XLA's RngBitGenerator compiles in a fraction of threefry's time on CPU (deterministic per backend)
     key = jax.random.key(int(config.seed), impl="rbg")
-    step_key = jax.random.fold_in(key, 1)
-    patch = (model.patch_size,) * ndim
-    last = int(t.steps) if stop_at is None else min(int(stop_at), int(t.steps))
     state = None
     for k in ks:
         vdir = variant_dir(workdir, k)
         os.makedirs(vdir, exist_ok=True)
         info = {"ndim": ndim, "model": _model_kwargs(config), "patch_size": model.patch_size, "k": k,
-                "train": {"optimizer": t.optimizer, "learning_rate": float(t.learning_rate),
-                          "grad_clip": float(t.get("grad_clip") or 0.0), "steps": int(t.steps), "batch_size": batch,
-                          "loss": t.loss, "scales": list(scales), "augment": dataclasses.asdict(aug)},
+                "train": {**json.loads(t.to_json()), "augment": dataclasses.asdict(aug)},
                 "data": json.loads(config.data.to_json())}
         _write_json_atomic(os.path.join(vdir, MODEL_FILE), info)
-        data = training_arrays(pairs, k, scales=scales, patch=model.patch_size,
-                               foreground=config.data.get("foreground", "labels"))
-        state = training.create_state(model, tx, jax.random.fold_in(key, 0), patch)
-        manager = training.checkpoint_manager(os.path.join(vdir, "checkpoints"), save_every=int(t.checkpoint_every),
-                                              keep=int(t.get("keep_checkpoints", 2)))
-        restored = training.restore_checkpoint(manager, state)
-        if restored is not None:
-            state = restored
-        state = jax.device_put(state, jax.devices()[0])  # fresh and restored states alike: one compiled step
-        one_step = lambda s, step: step_fn(s, data, jax.random.fold_in(step_key, step))
+        data = training_arrays(pairs, k, scales=scales, patch=model.patch_size, foreground=config.data.foreground)
         try:
-            state = training.run_loop(state, one_step, start=int(state.step), stop=last, total=int(t.steps),
-                                      manager=manager, log_path=os.path.join(vdir, "metrics.jsonl"),
-                                      columns=LOG_COLUMNS, log_every=int(t.log_every),
-                                      checkpoint_every=int(t.checkpoint_every), progress=progress, desc=f"k={k}",
-                                      postfix=("loss", "accuracy"))
+            state = training.fit(vdir, model=model, loss=loss, train=t, shape=(model.patch_size,) * ndim,
+                                 batches=lambda start, stop, data=data: itertools.repeat(data, stop - start),
+                                 key=key, columns=LOG_COLUMNS, place="replicate", stop_at=stop_at,
+                                 progress=progress, desc=f"k={k}", postfix=("loss", "accuracy"))
         except FloatingPointError as err:  # which variant: the message names the step and the term
             raise FloatingPointError(f"learned metric k={k}: {err}") from err
     return state
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def _register_options(config) -> dict:
-    opts = {}
-    for name, value in config.eval.register.items():
-        opts[name] = tuple(value) if isinstance(value, list) else value
-    return opts
-
-
-def _methods(config, workdir) -> list[tuple[str, int | None, dict, bool]]:
-    """``[(name, k, register options, uses masks)]`` of the evaluated methods, in table order."""
-    base = _register_options(config)
-    mi = {"bins": int(config.eval.mi_bins)}
-    out = []
-    for name in config.eval.methods:
-        if name == "identity":
-            out.append(("identity", None, {}, False))
-        elif name == "mi":
-            out.append(("mi", None, {**base, "metric": "mi", "metric_options": mi}, False))
-        elif name == "mi_masked":
-            out.append(("mi_masked", None, {**base, "metric": "mi", "metric_options": mi}, True))
-        elif name in ("learned", "learned_masked"):
-            for k in _ks(config):
-                path = variant_dir(workdir, k)
-                load(path)  # fail early, naming the path
-                opts = {"checkpoint": path, "stride": int(config.eval.stride), "form": config.eval.form}
-                out.append((name, k, {**base, "metric": "learned", "metric_options": opts,
-                                      **dict(config.eval.get("learned_overrides") or {})}, name.endswith("masked")))
-        else:
-            raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, mi, mi_masked, "
-                             f"learned, learned_masked")
-    return out
-
-
 def _label(name, k, n_train):
     if k is None:
         return name
     return f"{name} (k={'all, ' if k == n_train else ''}{k})"
 
 
-def evaluate(config, workdir, *, out=None) -> dict:
-    """Register ``config.eval.num_pairs`` held-out pairs with every method; write and return the table.
+def evaluation(config, workdir) -> Evaluation:
+    """Register ``config.eval.num_pairs`` held-out pairs with every method (for ``jaxreg.evaluation.evaluate``).
 
     Test pairs: ``make_pair(config.data, seed=data.test_seed, index=i, aligned=False)`` (deformed, multimodal).
-    Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for brain masks.
-    Measures per pair: mean Dice and Jaccard over labels 1..K-1 (``jaxreg.metrics``), per-label values, seconds
-    (the first pair of each method includes compilation; the table shows the median). When ``"mi"`` is evaluated,
-    every other method gets its paired Dice difference against it (``paired_against``). Writes ``results.csv`` (a
-    row per pair and method), ``results.json`` (rows, summary, paired differences) and ``results.md`` under ``out``
-    (default ``workdir/eval``), each atomically.
-    Returns ``{"rows", "summary", "markdown"}``.
+    Methods (``config.eval.methods``): ``identity``; ``mi``; ``mi_masked``; ``learned`` and ``learned_masked`` (one
+    per ``k`` of ``train.ks``), all with the engine options ``eval.register`` (plus ``eval.learned_overrides`` for
+    the learned metric). Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for
+    brain masks. Measures: Dice and Jaccard per label 1..K-1 and their means, seconds; every method's Dice is
+    compared, pair by pair, with MI's (when ``"mi"`` is evaluated).
     """
-    from jaxreg import metrics, optimize
-    from jaxreg.data.io import atomic_write
+    from jaxreg import optimize
 
+    e = config.eval
+    base = {name: tuple(v) if isinstance(v, list) else v for name, v in e.register.items()}
+    mi = {"bins": int(e.mi_bins)}
     n_train = int(config.data.num_train_pairs)
-    methods = _methods(config, workdir)
-    n = int(config.eval.num_pairs)
-    rows = []
-    for i in range(n):
+    run = {}
+
+    def registration(options, masked):
+        def fn(p):
+            masks = {}
+            if masked:
+                masks = {"fixed_mask": jnp.asarray(p["fixed_labels"] > 0, jnp.float32),
+                         "moving_mask": jnp.asarray(p["moving_labels"] > 0, jnp.float32)}
+            return {"disp": optimize.register(p["fixed"], p["moving"], **options, **masks).disp}
+        return fn
+
+    for name in e.methods:
+        if name == "identity":
+            run[name] = lambda p: {"disp": jnp.zeros(p["fixed"].shape + (p["fixed"].ndim,), p["fixed"].dtype)}
+        elif name in ("mi", "mi_masked"):
+            run[name] = registration({**base, "metric": "mi", "metric_options": mi}, name == "mi_masked")
+        elif name in ("learned", "learned_masked"):
+            for k in _ks(config):
+                path = variant_dir(workdir, k)
+                load(path)  # fail early, naming the path
+                opts = {"checkpoint": path, "stride": int(e.stride), "form": e.form}
+                run[_label(name, k, n_train)] = registration(
+                    {**base, "metric": metric, "metric_options": opts, **dict(e.learned_overrides)},
+                    name == "learned_masked")
+        else:
+            raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, mi, mi_masked, "
+                             f"learned, learned_masked")
+
+    def pair(i):
         p = make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)
-        f, m = jnp.asarray(p["fixed"]), jnp.asarray(p["moving"])
-        fl, ml = np.asarray(p["fixed_labels"]), np.asarray(p["moving_labels"])
-        labels = list(range(1, int(max(fl.max(), ml.max())) + 1))
-        masks = {"fixed_mask": jnp.asarray(fl > 0, jnp.float32), "moving_mask": jnp.asarray(ml > 0, jnp.float32)}
-        for name, k, opts, masked in methods:
-            t0 = time.perf_counter()
-            if name == "identity":
-                disp = jnp.zeros(f.shape + (f.ndim,), f.dtype)
-            else:
-                disp = optimize.register(f, m, **opts, **(masks if masked else {})).disp
-            disp = jax.block_until_ready(disp)
-            seconds = time.perf_counter() - t0
-            warped = np.asarray(spatial.warp_labels(jnp.asarray(ml), disp))
-            dice = metrics.dice(fl, warped, labels=labels)
-            jac = metrics.jaccard(fl, warped, labels=labels)
-            rows.append({"pair": i, "method": _label(name, k, n_train), "k": -1 if k is None else k,
-                         "dice_mean": float(np.nanmean(list(dice.values()))),
-                         "jaccard_mean": float(np.nanmean(list(jac.values()))),
-                         "dice": dice, "jaccard": jac, "seconds": seconds})
-        if config.eval.get("verbose", True):
-            print(f"pair {i + 1}/{n}: " + ", ".join(f"{r['method']} {r['dice_mean']:.3f}"
-                                                   for r in rows if r["pair"] == i), flush=True)
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    summary = {name: metrics.summarize([r for r in rows if r["method"] == name]) for name in names}
-    for name in names:
-        summary[name]["median_seconds"] = float(np.median([r["seconds"] for r in rows if r["method"] == name]))
-    paired = paired_against(rows, "mi") if "mi" in names else {}
-    table = markdown(summary, paired)
-    out = os.fspath(out or os.path.join(workdir, "eval"))
-    os.makedirs(out, exist_ok=True)
-    metrics.write_csv(os.path.join(out, "results.csv"), rows)
-    metrics.write_json(os.path.join(out, "results.json"), {"rows": rows, "summary": summary, "num_pairs": n,
-                                                           "methods": names, "paired_vs_mi": paired})
+        return {**p, "fixed": jnp.asarray(p["fixed"]), "moving": jnp.asarray(p["moving"])}
 
-    def write_md(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(table)
-
-    atomic_write(os.path.join(out, "results.md"), write_md)
-    return {"rows": rows, "summary": summary, "markdown": table}
-
-
-def paired_against(rows, reference: str, key: str = "dice_mean") -> dict:
-    """Per method, the paired difference of ``key`` against ``reference`` on the same pairs.
-
-    ``{method: {"mean", "std", "wins", "n", "p"}}``: mean and std of ``method - reference``, the number of pairs
-    where ``method`` is higher, and the two-sided Wilcoxon signed-rank p-value (NaN with fewer than 2 non-zero
-    differences).
-    """
-    from scipy import stats
-
-    ref = {r["pair"]: r[key] for r in rows if r["method"] == reference}
-    out = {}
-    for name in dict.fromkeys(r["method"] for r in rows):
-        if name == reference:
-            continue
-        d = np.array([r[key] - ref[r["pair"]] for r in rows if r["method"] == name and r["pair"] in ref])
-        p = float(stats.wilcoxon(d).pvalue) if np.count_nonzero(d) >= 2 else math.nan
-        out[name] = {"mean": float(d.mean()), "std": float(d.std()), "wins": int((d > 0).sum()), "n": int(d.size),
-                     "p": p}
-    return out
-
-
-def markdown(summary, paired=None) -> str:
-    """One row per method: Dice and Jaccard (mean ± std over pairs), the paired Dice difference against MI (mean,
-    pairs won, Wilcoxon p) and the median seconds per pair."""
-    paired = paired or {}
-    lines = ["| method | Dice | Jaccard | Dice − MI (paired; wins; p) | median s / pair |",
-             "| --- | --- | --- | --- | --- |"]
-    for name, s in summary.items():
-        cells = [f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}" for key in ("dice_mean", "jaccard_mean")]
-        d = paired.get(name)
-        cells.append("" if d is None else f"{d['mean']:+.3f} ± {d['std']:.3f}; {d['wins']}/{d['n']}; {d['p']:.2g}")
-        cells.append(f"{s['median_seconds']:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    first = make_pair(config.data, seed=config.data.test_seed, index=0, aligned=False)
+    num_labels = int(max(first["fixed_labels"].max(), first["moving_labels"].max())) + 1
+    paired = tuple((name, "mi") for name in run if name != "mi") if "mi" in run else ()
+    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run, measures=("dice", "jaccard"),
+                      label_names={k: str(k) for k in range(1, num_labels)},
+                      columns=(("dice_mean", "Dice", 3), ("jaccard_mean", "Jaccard", 3), ("seconds", "s / pair", 2)),
+                      paired=paired, paired_keys=("dice_mean",))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,29 +40,25 @@ from jaxreg.data.synthetic import mni_pair  # noqa: E402
 
 LABELS = (1, 2, 3)
 
-# The presets. When jaxreg.optimize defines PRESETS, "fast-t1" and "diffeo-t1" take the library's
-# "default" and "diffeo" definitions (_LIBRARY_NAMES), and every other library preset is added under its own name
-# ("fast", "multimodal", ...). "fast-mm" keeps the definition (MI in both stages).
+# The presets. "fast-t1" and "diffeo-t1" take the library's "default" and "diffeo" definitions
+# (_LIBRARY_NAMES), and every other library preset is added under its own name ("fast", "multimodal", ...).
+# "fast-mm" keeps the definition (MI in both stages).
 _LOCAL_PRESETS = {
-    "fast-t1": dict(deformable="disp", metric="lncc", metric_options={"window": 5}),
-    "diffeo-t1": dict(deformable="svf", metric="lncc", metric_options={"window": 5}),
-    "svf-t1": dict(deformable="svf", metric="lncc", metric_options={"window": 5}),
-    "fast-mm": dict(deformable="disp", metric="mi", affine_metric="mi"),
-    "fast-mm-mind": dict(deformable="disp", metric="mind", affine_metric="mi"),
-    "fast-mm-ngf": dict(deformable="disp", metric="ngf", affine_metric="mi"),
+    "svf-t1": optimize.RegisterOptions(deformable="svf", metric="lncc", metric_options={"window": 5}),
+    "fast-mm": optimize.RegisterOptions(deformable="disp", metric="mi", affine_metric="mi"),
+    "fast-mm-mind": optimize.RegisterOptions(deformable="disp", metric="mind", affine_metric="mi"),
+    "fast-mm-ngf": optimize.RegisterOptions(deformable="disp", metric="ngf", affine_metric="mi"),
 }
 _LIBRARY_NAMES = {"fast-t1": "default", "diffeo-t1": "diffeo"}
 
 
 def _presets():
-    lib = dict(getattr(optimize, "PRESETS", None) or {})
-    out = dict(_LOCAL_PRESETS)
-    for ours, theirs in _LIBRARY_NAMES.items():
-        if theirs in lib:
-            out[ours] = dict(lib[theirs])
-    out.update({k: dict(v) for k, v in lib.items() if k not in _LIBRARY_NAMES.values() and k not in out})
-    return out, ("jaxreg.optimize.PRESETS (" + ", ".join(f"{a}={b}" for a, b in _LIBRARY_NAMES.items() if b in lib)
-                 + ", other library presets under their own names) + local" if lib else "local")
+    lib = optimize.PRESETS
+    out = {ours: lib[theirs] for ours, theirs in _LIBRARY_NAMES.items()}
+    out.update(_LOCAL_PRESETS)
+    out.update({k: v for k, v in lib.items() if k not in _LIBRARY_NAMES.values() and k not in out})
+    return out, ("jaxreg.optimize.PRESETS (" + ", ".join(f"{a}={b}" for a, b in _LIBRARY_NAMES.items())
+                 + ", other library presets under their own names) + local")
 
 
 PRESETS, PRESETS_SOURCE = _presets()
@@ -98,7 +93,7 @@ def make_jaxreg(name):
         if first:
             jax.clear_caches()  # the first pair of each preset pays the full compilation
         w, c = time.perf_counter(), time.process_time()
-        res = optimize.register(pair["fixed"], pair["moving"], **preset)
+        res = optimize.register(pair["fixed"], pair["moving"], options=preset)
         jax.block_until_ready((res.disp, res.warped))
         wall, cpu = time.perf_counter() - w, time.process_time() - c
         labels = np.asarray(spatial.warp_labels(pair["moving_labels"], res.disp))
@@ -235,19 +230,19 @@ def batch_benchmark(name, size, resolution):
     fixed = np.stack([d["fixed"] for d in data])
     moving = np.stack([d["moving"] for d in data])
     print(f"\nbatch: {size} T1 pairs, preset {name}", flush=True)
-    jax.block_until_ready(optimize.register(data[0]["fixed"], data[0]["moving"], **preset).disp)  # compile
+    jax.block_until_ready(optimize.register(data[0]["fixed"], data[0]["moving"], options=preset).disp)  # compile
     single, single_dice = [], []
     for d in data:
         w = time.perf_counter()
-        res = optimize.register(d["fixed"], d["moving"], **preset)
+        res = optimize.register(d["fixed"], d["moving"], options=preset)
         jax.block_until_ready(res.disp)
         single.append(time.perf_counter() - w)
         single_dice.append(_mean_dice(d["fixed_labels"], spatial.warp_labels(d["moving_labels"], res.disp))[0])
     w = time.perf_counter()
-    jax.block_until_ready(optimize.register_batch(fixed, moving, **preset).disp)
+    jax.block_until_ready(optimize.register_batch(fixed, moving, options=preset).disp)
     batch_first = time.perf_counter() - w
     w = time.perf_counter()
-    res = optimize.register_batch(fixed, moving, **preset)
+    res = optimize.register_batch(fixed, moving, options=preset)
     jax.block_until_ready(res.disp)
     batch_wall = time.perf_counter() - w
     batch_dice = [_mean_dice(d["fixed_labels"], spatial.warp_labels(d["moving_labels"], res.disp[i]))[0]
@@ -285,7 +280,7 @@ def targets(rows):
                 continue
             p = rs[peer]
             for r in ours:
-                limit = 0.0 if PRESETS[r["method"]].get("deformable") in DIFFEOMORPHIC else 0.05
+                limit = 0.0 if PRESETS[r["method"]].deformable in DIFFEOMORPHIC else 0.05
                 t_ours = r["later_wall"] if r["pairs"] > 1 else r["first_wall"]
                 t_peer = p["later_wall"] if p["pairs"] > 1 else p["first_wall"]
                 ok_d = r["dice"] >= p["dice"] + 0.01

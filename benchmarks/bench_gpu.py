@@ -122,7 +122,7 @@ def bench_classical(pairs, presets):
         times, dices, res = [], [], None
         for p in pairs:
             t = time.perf_counter()
-            res = optimize.register(p["fixed"], p["moving"], **optimize.PRESETS[name])
+            res = optimize.register(p["fixed"], p["moving"], options=optimize.PRESETS[name])
             jax.block_until_ready(res.disp)
             times.append(time.perf_counter() - t)
             dices.append(_dice(p["fixed_labels"], spatial.warp_labels(p["moving_labels"], res.disp)))
@@ -142,14 +142,15 @@ def bench_network(pairs, seconds, batch_size, instance_iterations, learning_rate
 
     from jaxreg import models, optimize, spatial, training
     from jaxreg.data import augment as aug
+    from jaxreg.methods import voxelmorph
 
     model = models.build(ndim=3, preset="vxm1")
-    loss = training.LossConfig(similarity="lncc", similarity_options=(("window", 9),), regularizer="diffusion",
-                               reg_weight=1.0)
     tx = training.make_optimizer("adam", learning_rate)
     augment = aug.AugmentConfig(rotation_deg=10.0 * affine_scale, scaling=0.10 * affine_scale,
                                 translation=4.0 * affine_scale, deform=2.0, deform_spacing=8.0, deform_method="cubic")
-    step = training.make_train_step(model, tx, loss, augment=augment)
+    loss = voxelmorph.Loss(model, similarity="lncc", similarity_options=(("window", 9),), regularizer="diffusion",
+                           reg_weight=1.0, augment=augment)
+    step = training.make_train_step(loss, tx)
     template = jnp.asarray(pairs[0]["fixed"])  # every pair's fixed image is the template
     shape = template.shape
     state = training.create_state(model, tx, jax.random.key(0), shape)
@@ -169,7 +170,7 @@ def bench_network(pairs, seconds, batch_size, instance_iterations, learning_rate
             print(f"step {n} loss {losses[-1][1]:.4f}", flush=True)
     jax.block_until_ready(state.params)
     train_s = time.perf_counter() - t0
-    predict = training.make_predict(model)
+    predict = voxelmorph.make_predict(model)
     params = state.params
 
     def net(p):
@@ -177,7 +178,7 @@ def bench_network(pairs, seconds, batch_size, instance_iterations, learning_rate
         fixed, moving = jnp.asarray(p["fixed"]), jnp.asarray(p["moving"])
         if not prealign:
             return predict(params, moving, fixed)["disp"]
-        affine = optimize.register(fixed, moving, **optimize.PRESETS["affine"]).disp
+        affine = optimize.register(fixed, moving, options=optimize.PRESETS["affine"]).disp
         u = predict(params, spatial.warp(moving, affine), fixed)["disp"]
         return spatial.compose(affine, u)  # first u, then the affine: moving[phi_a(x + u(x))]
 
@@ -190,9 +191,9 @@ def bench_network(pairs, seconds, batch_size, instance_iterations, learning_rate
             t = time.perf_counter()
             disp = net(p)
             if fn is None:
-                opts = {**optimize.PRESETS["default"], "transform": None, "init": None, "deformable": "disp",
-                        "levels": (1,), "iterations": (instance_iterations,), "initial_disp": disp}
-                disp = optimize.register(p["fixed"], p["moving"], **opts).disp
+                disp = optimize.register(p["fixed"], p["moving"], options=optimize.PRESETS["default"],
+                                         initial_disp=disp, transform=None, init=None, deformable="disp",
+                                         levels=(1,), iterations=(instance_iterations,)).disp
             jax.block_until_ready(disp)
             times.append(time.perf_counter() - t)
             dices.append(_dice(p["fixed_labels"], spatial.warp_labels(p["moving_labels"], disp)))

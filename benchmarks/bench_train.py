@@ -50,14 +50,15 @@ def bench_jaxreg(moving, fixed, repeats, int_steps):
     import jax.numpy as jnp
 
     from jaxreg import models, training
+    from jaxreg.methods import voxelmorph
 
     shape = moving.shape
     model = models.build(ndim=3, preset="vxm1", int_steps=int_steps)
     tx = training.make_optimizer("adam", 1e-4)
     state = training.create_state(model, tx, jax.random.key(0), shape)
-    loss = training.LossConfig(similarity="lncc", similarity_options=(("window", 9),), reg_weight=0.01)
-    step = training.make_train_step(model, tx, loss)
-    predict = training.make_predict(model)
+    loss = voxelmorph.Loss(model, similarity="lncc", similarity_options=(("window", 9),), reg_weight=0.01)
+    step = training.make_train_step(loss, tx)
+    predict = voxelmorph.make_predict(model)
     m, f = jnp.asarray(moving), jnp.asarray(fixed)
     batch = {"moving": m[None], "fixed": f[None]}
     t0 = time.perf_counter()

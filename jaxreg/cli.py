@@ -14,6 +14,7 @@ folder and moved into OUTDIR only once everything succeeded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -22,7 +23,10 @@ import time
 
 import numpy as np
 
-PRESETS = ("default", "fast", "diffeo", "multimodal", "affine")
+from jaxreg import losses, optimize, transforms
+
+NONE = "none"  # the command's spelling of None (skip a stage, no regulariser)
+LEARNED = "learned"  # --metric learned: jaxreg.methods.learned_metric.metric with --metric-checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     r = sub.add_parser("register", help="register MOVING onto FIXED", formatter_class=fmt,
-                       description="Register MOVING onto FIXED (NIfTI, 2-D or 3-D) and write the results to OUTDIR.")
+                       description="Register MOVING onto FIXED (NIfTI, 2-D or 3-D) and write the results to OUTDIR. "
+                                   "Each engine option comes from --preset unless its flag is given; brackets "
+                                   "show the option's default, then the presets that differ from it.")
     r.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
     r.add_argument("moving", help="moving image; resampled into the fixed world grid first")
     _register_options(r)
@@ -54,33 +60,94 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _number(text: str):
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _metrics():
+    return sorted(losses.SIMILARITIES) + [LEARNED]
+
+
+#: the engine options the command sets: RegisterOptions field -> (flag, choices or value type, help); the
+#: similarity options (metric_options, affine_metric_options) come from --window, --bins and --metric-checkpoint
+_FIELD_FLAGS = {
+    "transform": ("--transform", lambda: sorted(transforms.PARAMETRIC) + [NONE], "parametric stage"),
+    "init": ("--init", lambda: ["com", NONE], "start the parametric stage from the centre-of-mass shift"),
+    "deformable": ("--deformable", lambda: list(optimize.DEFORMABLE) + [NONE], "deformable model"),
+    "metric": ("--metric", _metrics, "similarity of the deformable stage (learned: with --metric-checkpoint)"),
+    "affine_metric": ("--affine-metric", _metrics, "similarity of the parametric stage (none: --metric)"),
+    "levels": ("--levels", int, "deformable pyramid factors, coarse to fine"),
+    "iterations": ("--iterations", int, "max iterations per deformable level (one value: every level)"),
+    "affine_levels": ("--affine-levels", int, "parametric pyramid factors, coarse to fine"),
+    "affine_iterations": ("--affine-iterations", int, "max iterations per parametric level (one value: every level)"),
+    "regularizer": ("--regularizer", lambda: sorted(losses.REGULARIZERS) + [NONE], "regulariser of the field"),
+    "reg_weight": ("--reg-weight", float, "regulariser weight"),
+    "learning_rate": ("--learning-rate", float, "step of the deformable stage, voxels"),
+    "affine_learning_rate": ("--affine-learning-rate", float,
+                             "step of the parametric stage, radians / (max(shape)/20) voxels"),
+    "optimizer": ("--optimizer", lambda: list(optimize.OPTIMIZERS), "optax optimiser of every level"),
+    "tol": ("--tol", float, "relative loss change over --tol-window iterations that ends a level"),
+    "window": ("--tol-window", int, "iterations over which --tol is measured"),
+    "bspline_spacing": ("--bspline-spacing", _number, "B-spline control-point spacing, voxels (one or per axis)"),
+    "steps": ("--steps", int, "scaling-and-squaring steps (svf)"),
+    "field_sigma": ("--field-sigma", float, "Gaussian smoothing of the optimised field, level voxels"),
+}
+_PER_LEVEL = ("iterations", "affine_iterations")
+
+
+def _shown(value) -> str:
+    """An option value as the command spells it."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(_shown(v) for v in value)
+    if value is None:
+        return NONE
+    return f"{value:g}" if isinstance(value, float) else str(_metric_name(value))
+
+
+def _preset_values(name: str) -> str:
+    """``VALUE[; PRESET: VALUE ...]``: a field's RegisterOptions default, then the presets that differ from it."""
+    default = getattr(optimize.RegisterOptions(), name)
+    differ = [f"{k}: {_shown(getattr(p, name))}" for k, p in optimize.PRESETS.items() if getattr(p, name) != default]
+    return "; ".join([_shown(default)] + differ)
+
+
+def _describe(preset: optimize.RegisterOptions) -> str:
+    stages = []
+    if preset.transform is not None:
+        stages.append(f"{preset.transform} ({_shown(preset.affine_similarity()[0])})")
+    if preset.deformable is not None:
+        stages.append(f"{preset.deformable} ({_shown(preset.metric)})")
+    def total(iterations, levels):
+        return iterations * len(levels) if isinstance(iterations, int) else sum(iterations)
+
+    iterations = total(preset.iterations, preset.levels) if preset.deformable is not None else 0
+    if preset.transform is not None:
+        iterations += total(preset.affine_iterations, preset.affine_levels)
+    return f"{' + '.join(stages) or 'identity'}, <= {iterations} iterations"
+
+
 def _register_options(r):
     r.add_argument("-o", "--output", required=True, help="output folder")
-    r.add_argument("--preset", choices=PRESETS, default="default",
-                   help="option set: default (affine + dense lncc), fast (the same with fewer iterations), "
-                        "diffeo (affine + greedy diffeomorphic, no folding), "
-                        "multimodal (MI affine, then NGF), affine (parametric only)")
-    r.add_argument("--transform", choices=("translation", "rigid", "similarity", "affine", "none"),
-                   help="parametric stage [preset: affine]")
-    r.add_argument("--deformable", choices=("disp", "diffeo", "svf", "bspline", "none"),
-                   help="deformable model [preset: disp; diffeo: diffeo]")
-    r.add_argument("--metric", help="similarity of the deformable stage: mse, ncc, lncc, mi, nmi, mind, ngf, learned "
-                                    "[preset: lncc; multimodal: ngf]")
+    presets = "; ".join(f"{k}: {_describe(p)}" for k, p in optimize.PRESETS.items())
+    r.add_argument("--preset", choices=list(optimize.PRESETS), default="default",
+                   help=f"engine option set ({presets}); the flags below replace single options")
+    for name, (flag, kind, text) in _FIELD_FLAGS.items():
+        given = {"dest": name, "default": argparse.SUPPRESS, "metavar": flag[2:].upper().replace("-", "_"),
+                 "help": f"{text} [{_preset_values(name)}]"}
+        if isinstance(getattr(optimize.RegisterOptions(), name), tuple) or name in _PER_LEVEL + ("bspline_spacing",):
+            given.update(type=kind, nargs="+")
+        elif kind in (int, float, _number):
+            given.update(type=kind)
+        else:
+            given.update(choices=kind(), metavar=None)
+        r.add_argument(flag, **given)
+    r.add_argument("--window", type=int, dest="lncc_window",  # --tol-window sets the field "window"
+                   help="local NCC window (voxels) of the stage(s) using lncc [5 in the lncc presets]")
+    r.add_argument("--bins", type=int, help="MI histogram bins of the stage(s) using mi or nmi [32]")
     r.add_argument("--metric-checkpoint", help="model folder of a trained learned metric (WORKDIR/k<K> of "
                                                "configs/learned_metric.py), for the stage(s) using learned "
                                                "(--metric and/or --affine-metric)")
-    r.add_argument("--affine-metric", help="similarity of the parametric stage [same as --metric]")
-    r.add_argument("--window", type=int, help="local NCC window (voxels) of the stage(s) using lncc [5]")
-    r.add_argument("--bins", type=int, help="MI histogram bins of the stage(s) using mi or nmi [32]")
-    r.add_argument("--levels", type=int, nargs="+", help="deformable pyramid factors, coarse to fine [4 2 1]")
-    r.add_argument("--iterations", type=int, nargs="+", help="max iterations per deformable level [100 80 40]")
-    r.add_argument("--affine-levels", type=int, nargs="+", help="parametric pyramid factors [4 2]")
-    r.add_argument("--affine-iterations", type=int, nargs="+", help="max iterations per parametric level [100 50]")
-    r.add_argument("--regularizer", choices=("diffusion", "bending", "folding", "none"),
-                   help="regulariser of the deformable field [diffusion]")
-    r.add_argument("--reg-weight", type=float, help="regulariser weight [0.3]")
-    r.add_argument("--learning-rate", type=float, help="Adam step of the deformable stage, voxels [0.3]")
-    r.add_argument("--tol", type=float, help="relative loss change over 10 iterations that ends a level [1e-4]")
     r.add_argument("--fixed-mask", help="fixed-image mask (NIfTI, > 0 inside)")
     r.add_argument("--moving-mask", help="moving-image mask (NIfTI, > 0 inside)")
     r.add_argument("--moving-labels", help="moving label map: warped with nearest neighbour")
@@ -90,67 +157,70 @@ def _register_options(r):
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def preset_options(name: str) -> dict:
-    """Engine options of a named preset (see ``jaxreg.optimize.register``)."""
-    from jaxreg import optimize
+def _metric_name(metric):
+    """A similarity as the command and report.json name it: its key, "learned", or the callable's full name."""
+    if metric is None or isinstance(metric, str) or not callable(metric):
+        return metric
+    learned = sys.modules.get("jaxreg.methods.learned_metric")
+    if learned is not None and metric is learned.metric:
+        return LEARNED
+    return f"{getattr(metric, '__module__', '?')}.{getattr(metric, '__qualname__', repr(metric))}"
 
-    return dict(optimize.PRESETS[name])
+
+def _field_value(name, value):
+    """A flag's value as the RegisterOptions field: "none" is None, "learned" the learned metric's function."""
+    if value == NONE:
+        return None
+    if value == LEARNED:
+        # the command is the top layer: it may import a method (lazily: flax and orbax load only when needed)
+        from jaxreg.methods import learned_metric
+
+        return learned_metric.metric
+    if isinstance(value, list):
+        return value[0] if len(value) == 1 and name in _PER_LEVEL + ("bspline_spacing",) else tuple(value)
+    return value
 
 
-def _options_from_args(args) -> dict:
-    opts = preset_options(args.preset)
-    none_or = lambda v: None if v == "none" else v  # noqa: E731
-    for name in ("transform", "deformable", "regularizer"):
-        value = getattr(args, name)
-        if value is not None:
-            opts[name] = none_or(value)
-    for name in ("metric", "affine_metric", "reg_weight", "learning_rate", "tol"):
-        value = getattr(args, name)
-        if value is not None:
-            opts[name] = value
-    for name in ("levels", "iterations", "affine_levels", "affine_iterations"):
-        value = getattr(args, name)
-        if value is not None:
-            opts[name] = tuple(value)
-    # Each stage's similarity options. A preset's metric_options belong to the preset's metric; the parametric stage
-    # starts from the deformable stage's options when both use the same metric, else from none (the engine's rule
-    # for affine_metric_options=None); --window, --bins and --metric-checkpoint go to every stage they apply to.
-    metric = opts.get("metric", "lncc")
-    affine_metric = opts.get("affine_metric") or metric
-    preset = preset_options(args.preset)
-    preset_metric = preset.get("metric", "lncc")
-    deform = dict(preset.get("metric_options") or {}) if metric == preset_metric else {}
-    affine = dict(deform) if affine_metric == metric else {}
-    preset_affine_metric = preset.get("affine_metric") or preset_metric
-    if preset.get("affine_metric_options") is not None and affine_metric == preset_affine_metric:
-        affine = dict(preset["affine_metric_options"])
-    stages = ((metric, deform), (affine_metric, affine))
-    for flag, key, value, takes in (("--window", "window", args.window, ("lncc",)),
-                                    ("--bins", "bins", args.bins, ("mi", "nmi"))):
-        if value is not None:
-            used = [o for name, o in stages if name in takes]
-            if not used:
-                raise ValueError(f"{flag} applies to a stage using {' or '.join(takes)}; got --metric {metric} and "
-                                 f"affine metric {affine_metric}")
-            for o in used:
-                o[key] = value
-    if args.metric_checkpoint is not None or "learned" in (metric, affine_metric):
-        if args.metric_checkpoint is None:
-            raise ValueError("--metric learned / --affine-metric learned needs --metric-checkpoint PATH")
-        if "learned" not in (metric, affine_metric):
-            raise ValueError(f"--metric-checkpoint applies to --metric learned or --affine-metric learned; got "
-                             f"--metric {metric} and affine metric {affine_metric}")
-        for name, o in stages:
-            if name == "learned":
-                o.clear()
-                o["checkpoint"] = args.metric_checkpoint
-    opts.pop("metric_options", None)
-    opts.pop("affine_metric_options", None)
-    if deform:
-        opts["metric_options"] = deform
-    if affine != (deform if affine_metric == metric else {}):  # else affine_metric_options=None does the same
-        opts["affine_metric_options"] = affine
-    return opts
+def _options_from_args(args) -> optimize.RegisterOptions:
+    """``--preset`` with the flags given replacing its fields; --window, --bins and --metric-checkpoint go to the
+    similarity options of every stage whose metric takes them (an error when none does)."""
+    preset = optimize.PRESETS[args.preset]
+    flags = {name: _field_value(name, getattr(args, name)) for name in _FIELD_FLAGS if hasattr(args, name)}
+    opts = dataclasses.replace(preset, **flags)
+    # a preset's similarity options belong to its metrics: a stage whose metric a flag changed starts from none
+    if opts.metric != preset.metric:
+        opts = dataclasses.replace(opts, metric_options=None)
+    if opts.affine_similarity()[0] != preset.affine_similarity()[0]:
+        opts = dataclasses.replace(opts, affine_metric_options=None)
+    deform, (affine_metric, affine) = dict(opts.metric_options or {}), opts.affine_similarity()
+    stages = ((_metric_name(opts.metric), deform), (_metric_name(affine_metric), affine))
+    got = f"got --metric {stages[0][0]} and affine metric {stages[1][0]}"
+    if LEARNED in (stages[0][0], stages[1][0]) and args.metric_checkpoint is None:
+        raise ValueError("--metric learned / --affine-metric learned needs --metric-checkpoint PATH")
+    for flag, key, value, takes, where in (
+            ("--window", "window", args.lncc_window, ("lncc",), "a stage using lncc"),
+            ("--bins", "bins", args.bins, ("mi", "nmi"), "a stage using mi or nmi"),
+            ("--metric-checkpoint", "checkpoint", args.metric_checkpoint, (LEARNED,),
+             "--metric learned or --affine-metric learned")):
+        if value is None:
+            continue
+        used = [options for name, options in stages if name in takes]
+        if not used:
+            raise ValueError(f"{flag} applies to {where}; {got}")
+        for options in used:
+            options[key] = value
+    # the engine's rule for affine_metric_options=None keeps the options minimal (and report.json short)
+    opts = dataclasses.replace(opts, metric_options=deform or None, affine_metric_options=None)
+    return opts if opts.affine_similarity()[1] == affine else dataclasses.replace(opts, affine_metric_options=affine)
+
+
+def _options_json(opts: optimize.RegisterOptions) -> dict:
+    """``opts`` for report.json: metrics by name, a custom optax optimiser as "custom"."""
+    out = dataclasses.asdict(opts)
+    out["metric"], out["affine_metric"] = _metric_name(opts.metric), _metric_name(opts.affine_metric)
+    if not isinstance(opts.optimizer, str):
+        out["optimizer"] = "custom"
+    return out
 
 
 def _progress(quiet):
@@ -194,12 +264,12 @@ def _load_mask(path, fixed, name):
     return mask
 
 
-def run_register(fixed_path, moving_path, output, opts, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
-                 moving_mask=None, normalize=True, quiet=False, seed=0) -> dict:
-    """Load, resample, normalise, register and write results; returns the report dict."""
+def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
+                 fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0) -> dict:
+    """Load, resample, normalise, register with ``opts`` and write results; returns the report dict."""
     import jax
 
-    from jaxreg import evaluation, metrics, optimize, spatial, transforms
+    from jaxreg import evaluation, metrics, spatial
     from jaxreg.data import io, preprocess
 
     t_start = time.perf_counter()
@@ -231,14 +301,14 @@ def run_register(fixed_path, moving_path, output, opts, *, moving_labels=None, f
             raise ValueError(f"--fixed-labels {fixed_labels}: shape {labels_f.shape} differs from the fixed image {fixed.shape}")
     t_loaded = time.perf_counter()
 
-    result = optimize.register(f, m, callback=_progress(quiet), **masks, **opts)
+    result = optimize.register(f, m, options=opts, callback=_progress(quiet), **masks)
     disp = jax.block_until_ready(result.disp)
     t_registered = time.perf_counter()
 
     jac = np.asarray(spatial.jacobian_determinant(disp))
     report = {
         "fixed": os.path.abspath(fixed_path), "moving": os.path.abspath(moving_path), "seed": seed,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+        "options": _options_json(opts),
         "shape": list(fixed.shape), "spacing_mm": [float(s) for s in fixed.spacing],
         "seconds": {"load": t_loaded - t_start, "register": t_registered - t_loaded,
                     "per_level": {k: float(v) for k, v in result.seconds.items()}},
@@ -318,7 +388,7 @@ def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> 
     paths = {k: os.path.join(inputs, f"{k}.nii.gz") for k in ("fixed", "moving", "fixed_labels", "moving_labels")}
     for k, path in paths.items():
         io.save(path, pair[k], affine)
-    opts = preset_options("multimodal" if contrast == "t2" else "default")
+    opts = optimize.PRESETS["multimodal" if contrast == "t2" else "default"]
     report = run_register(paths["fixed"], paths["moving"], output, opts, moving_labels=paths["moving_labels"],
                           fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed)
     report["source"] = source

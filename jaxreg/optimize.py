@@ -1,5 +1,14 @@
 """Classical per-pair registration: parametric then deformable stages, multi-resolution, optax, compiled loops.
 
+    result = register(fixed, moving)                                     # the RegisterOptions() defaults
+    result = register(fixed, moving, metric="mi")                        # defaults with one field replaced
+    result = register(fixed, moving, options=PRESETS["affine"], iterations=(10,))   # a preset, one field replaced
+    result = register(fixed, moving, metric=my_loss, metric_options={"scale": 2.0})  # any callable similarity
+
+Every setting of the engine is a field of the frozen, validated ``RegisterOptions`` (``PRESETS`` names a few);
+``register`` takes one as ``options=`` and replaces single fields by keyword (``**overrides``). What belongs to one
+call only (masks, a starting field or matrix, a progress callback) is an argument of ``register``, not an option.
+
 ``register(fixed, moving)`` finds the transform that maps fixed-grid points to moving positions,
 ``y(x) = A((x + u(x)) - c) + t + c``: a deformable field ``u`` (voxels, fixed grid) followed by a homogeneous matrix
 ``M = [A t]`` acting about the grid centre ``c`` (see ``spatial.affine_to_disp``). The total displacement
@@ -9,10 +18,10 @@ moving image into the fixed grid first: ``jaxreg.data.preprocess.resample_to``).
 Stages (each optional): moments initialisation (centre of mass), a parametric stage (translation, rigid, similarity
 or affine) and a deformable stage (``"disp"`` dense displacement, ``"svf"`` stationary velocity field integrated by
 scaling and squaring, ``"diffeo"`` greedy diffeomorphic updates by composition, or ``"bspline"`` free-form
-deformation). Each stage runs coarse to fine over
-a Gaussian pyramid; each level is one compiled ``lax.while_loop`` of optax updates that stops at ``max_iter`` or when
-the loss improves by less than ``tol`` (relative) over ``window`` iterations. Compilation happens once per shape and
-static option set; the images are arguments, never captured constants.
+deformation). Each stage runs coarse to fine over a Gaussian pyramid; each level is one compiled ``lax.while_loop``
+of optax updates that stops at its iteration budget or when the loss improves by less than ``tol`` (relative) over
+``window`` iterations. Compilation happens once per shape and static option set (a callable metric is part of that
+set: pass the same function object to reuse the compiled levels); the images are arguments, never captured constants.
 
 ``register_batch`` runs the same program on a batch of same-shaped pairs through ``vmap``. Thirion's Demons (and its
 diffeomorphic variant), the classic baseline, lives in ``jaxreg.demons``.
@@ -21,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -30,10 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from jaxreg import _validate, losses, spatial, transforms
 
 DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
+OPTIMIZERS = ("adam", "sgd")
+#: a pyramid level keeps at least this many voxels along every axis (or the whole axis when it is shorter)
+MIN_LEVEL_SIZE = 4
 
 
 def _elapsed(t0: float, result) -> float:
@@ -62,13 +76,180 @@ class Result(NamedTuple):
     seconds: dict
 
 
+# ------------------------------------------------------------------------------------------------------ options
+def _all_ints(values, low) -> bool:
+    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low for v in values)
+
+
+def _number(name, value, low, strict, *, keep_int=False):
+    """``value`` as a float (an int stays one with ``keep_int``), checked > ``low`` (``strict``) or >= ``low``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not (value > low if strict else value >= low):  # also rejects NaN
+        raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")
+    return int(value) if keep_int and isinstance(value, numbers.Integral) else float(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RegisterOptions:
+    """Every setting of ``register`` (frozen; checked on construction; ``dataclasses.replace`` to derive one).
+
+    Defaults in brackets. Sequences given as lists become tuples; ``metric_options`` and ``affine_metric_options``
+    are copied into plain dicts (treat them as read-only).
+
+    init: ``"com"`` shifts the moving image's intensity centre of mass onto the fixed one's before the parametric
+      stage, None starts from the identity ["com"].
+    transform: parametric stage, a key of ``transforms.PARAMETRIC`` ("translation", "rigid", "similarity",
+      "affine") or None to skip it ["affine"].
+    deformable: deformable stage, one of ``DEFORMABLE`` or None to skip it ["disp"]: "disp" (dense displacement),
+      "svf" (stationary velocity, scaling and squaring, exact gradient through the integration: diffeomorphic but
+      slow on CPU), "diffeo" (greedy diffeomorphic: the displacement is updated by composition with the exponential
+      of each smoothed optax step, as in diffeomorphic Demons and ANTs' greedy SyN: invertible and as cheap as
+      "disp"), "bspline" (cubic B-spline free-form deformation).
+    metric: similarity of the deformable stage (lower is better): a key of ``losses.SIMILARITIES`` or a callable
+      ``fn(fixed, warped, *, mask=None, **metric_options) -> scalar`` (e.g. ``jaxreg.methods.learned_metric.metric``
+      with ``metric_options={"checkpoint": PATH}``) ["lncc"].
+    metric_options: keyword options of ``metric``, e.g. ``{"window": 7}`` (lncc, voxels), ``{"bins": 32}`` (mi,
+      nmi); None for none [None].
+    affine_metric: similarity of the parametric stage, as ``metric``; None uses ``metric`` [None].
+    affine_metric_options: its keyword options. None: ``metric_options`` when the parametric stage uses ``metric``,
+      else none (that metric's defaults); ``{}`` always means no options [None].
+    levels: pyramid downsampling factors of the deformable stage, coarse to fine, each an int >= 1 [(4, 2, 1)].
+      Every level of a stage that runs must keep at least ``MIN_LEVEL_SIZE`` voxels along each image axis (the
+      whole axis when it is shorter); ``register`` checks this before compiling anything.
+    iterations: maximum iterations per deformable level, one int for all levels or one per level, >= 0
+      [(100, 80, 40)].
+    affine_levels, affine_iterations: the same for the parametric stage [(4, 2), (100, 50)].
+    regularizer: penalty on the deformable field, a key of ``losses.REGULARIZERS`` or None ["diffusion"]; for
+      "svf" the velocity is regularised, else the displacement.
+    reg_weight: its weight, >= 0 (0 disables it) [0.3].
+    learning_rate: step size of the deformable stage, > 0, in voxels [0.3].
+    affine_learning_rate: step size of the parametric stage, > 0, in radians / (max(shape)/20) voxels [0.02].
+      Both are cosine-decayed to 10 % within each level.
+    optimizer: "adam", "sgd" (with momentum 0.9) or any ``optax.GradientTransformation`` (then used as given for
+      every level: the learning rates and decay do not apply) ["adam"].
+    tol: a level stops when the mean loss of the last ``window`` iterations improved by less than ``tol``
+      (relative) on the ``window`` before, >= 0; 0 runs every iteration [1e-4].
+    window: that window, in iterations, >= 1 [10].
+    bspline_spacing: B-spline control-point spacing in full-resolution voxels, > 0, one for all axes or one per
+      axis [4].
+    steps: scaling-and-squaring steps of "svf", >= 0 [7].
+    field_sigma: for "disp", "svf" and "diffeo" the optimised field (or update) is Gaussian-smoothed with this
+      sigma (level voxels) before use, which keeps Adam's per-voxel steps smooth; 0 optimises it directly, >= 0
+      [1.0].
+    """
+
+    init: str | None = "com"
+    transform: str | None = "affine"
+    deformable: str | None = "disp"
+    metric: str | Callable[..., jax.Array] = "lncc"
+    metric_options: Mapping[str, Any] | None = None
+    affine_metric: str | Callable[..., jax.Array] | None = None
+    affine_metric_options: Mapping[str, Any] | None = None
+    levels: tuple[int, ...] = (4, 2, 1)
+    iterations: int | tuple[int, ...] = (100, 80, 40)
+    affine_levels: tuple[int, ...] = (4, 2)
+    affine_iterations: int | tuple[int, ...] = (100, 50)
+    regularizer: str | None = "diffusion"
+    reg_weight: float = 0.3
+    learning_rate: float = 0.3
+    affine_learning_rate: float = 0.02
+    optimizer: str | optax.GradientTransformation = "adam"
+    tol: float = 1e-4
+    window: int = 10
+    bspline_spacing: float | tuple[float, ...] = 4
+    steps: int = 7
+    field_sigma: float = 1.0
+
+    def __post_init__(self):
+        def choice(name, valid, *, none=True, metric=False):
+            value = getattr(self, name)
+            if (value is None and none) or (isinstance(value, str) and value in valid) or (metric and callable(value)):
+                return
+            also = " or a callable fn(fixed, warped, *, mask=None, **options) -> scalar" if metric else ""
+            raise ValueError(f"{name} must be one of {sorted(valid)}{' or None' if none else ''}{also}, got {value!r}")
+
+        choice("init", ("com",))
+        choice("transform", transforms.PARAMETRIC)
+        choice("deformable", DEFORMABLE)
+        choice("metric", losses.SIMILARITIES, none=False, metric=True)
+        choice("affine_metric", losses.SIMILARITIES, metric=True)
+        choice("regularizer", losses.REGULARIZERS)
+        for name in ("metric_options", "affine_metric_options"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"{name} must be a dict of keyword options (or None), got "
+                                     f"{type(value).__name__} {value!r}")
+                self._set(name, dict(value))
+        for name in ("levels", "affine_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value or not _all_ints(value, 1):
+                raise ValueError(f"{name} must be a non-empty tuple of pyramid factors (ints >= 1, coarse to fine), "
+                                 f"got {value!r}")
+            self._set(name, tuple(int(v) for v in value))
+        for name, levels in (("iterations", self.levels), ("affine_iterations", self.affine_levels)):
+            value = getattr(self, name)
+            many = isinstance(value, (list, tuple))
+            if not _all_ints(value if many else (value,), 0):
+                raise ValueError(f"{name} must be an int >= 0 or one per level, got {value!r}")
+            if many and len(value) != len(levels):
+                raise ValueError(f"{name} must be a single value or one per level ({len(levels)}), got {value}")
+            self._set(name, tuple(int(v) for v in value) if many else int(value))
+        for name, low, strict in (("reg_weight", 0, False), ("learning_rate", 0, True),
+                                  ("affine_learning_rate", 0, True), ("tol", 0, False), ("field_sigma", 0, False)):
+            self._set(name, _number(name, getattr(self, name), low, strict))
+        for name, low in (("window", 1), ("steps", 0)):
+            value = getattr(self, name)
+            if not _all_ints((value,), low):
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            self._set(name, int(value))
+        spacing = self.bspline_spacing
+        if isinstance(spacing, (list, tuple)):
+            if not spacing:
+                raise ValueError(f"bspline_spacing must be > 0, one value or one per axis, got {spacing!r}")
+            self._set("bspline_spacing", tuple(_number("bspline_spacing", s, 0, True, keep_int=True)
+                                               for s in spacing))
+        else:
+            self._set("bspline_spacing", _number("bspline_spacing", spacing, 0, True, keep_int=True))
+        named = isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS
+        if not named and not isinstance(self.optimizer, optax.GradientTransformation):
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation, got "
+                             f"{self.optimizer!r}")
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
+
+    def affine_similarity(self) -> tuple[str | Callable[..., jax.Array], dict]:
+        """``(metric, keyword options)`` of the parametric stage after the None rules of ``affine_metric`` and
+        ``affine_metric_options`` (the deformable stage's are ``metric`` and ``metric_options or {}``)."""
+        options = self.affine_metric_options
+        if options is None:  # None means "unset"; a different metric starts from its defaults
+            same = self.affine_metric is None or self.affine_metric == self.metric
+            options = (self.metric_options or {}) if same else {}
+        return (self.metric if self.affine_metric is None else self.affine_metric), dict(options)
+
+
+#: Named option sets (the ``jaxreg`` command's ``--preset``, the benchmarks): ``register(f, m, options=PRESETS[k])``.
+PRESETS: dict[str, RegisterOptions] = {
+    "default": RegisterOptions(deformable="disp", metric="lncc", metric_options={"window": 5}),
+    # about 2.4x fewer iterations than the default for ~0.001 lower Dice on MNI-derived 2 mm pairs
+    "fast": RegisterOptions(deformable="disp", metric="lncc", metric_options={"window": 5}, iterations=(60, 40, 20),
+                            affine_iterations=(60, 30)),
+    "diffeo": RegisterOptions(deformable="diffeo", metric="lncc", metric_options={"window": 5}),
+    # affine by mutual information, then NGF: on T2-like -> T1 MNI pairs NGF gave 0.843 Dice (0 % folding) against
+    # 0.777 (0.09 % folding) with MI in the deformable stage (BENCHMARKS.md)
+    "multimodal": RegisterOptions(deformable="disp", metric="ngf", affine_metric="mi"),
+    "affine": RegisterOptions(deformable=None, metric="lncc", metric_options={"window": 5}),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Level:
     """Static description of one compiled optimisation level (hashable: it keys the jit cache)."""
 
     kind: str  # "affine" or "deformable"
     model: str  # transform name or deformable model
-    metric: str
+    metric: str | Callable[..., jax.Array]  # a losses.SIMILARITIES key or the function itself
     metric_options: tuple
     regularizer: str | None
     reg_weight: float
@@ -84,7 +265,7 @@ class _Level:
 
 # -------------------------------------------------------------------------------------------------- the level loop
 def _masked_similarity(cfg, fixed, warped, mask):
-    fn = losses.SIMILARITIES[cfg.metric]
+    fn = cfg.metric if callable(cfg.metric) else losses.SIMILARITIES[cfg.metric]
     return fn(fixed, warped, mask=mask, **dict(cfg.metric_options))
 
 
@@ -217,15 +398,16 @@ _run_level_jit = jax.jit(_run_level, static_argnames="cfg")
 _run_level_batch = jax.jit(jax.vmap(_run_level, in_axes=(0, 0, None)), static_argnames="cfg")
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _call(fn, kwargs, batched, *args):
-    """``fn(*args, **dict(kwargs))`` compiled (vmapped over axis 0 when ``batched``): the glue between levels.
+@functools.lru_cache(maxsize=256)
+def _per_pair(fn, batched, **options):
+    """``fn`` with the keyword ``options`` bound, compiled, and vmapped over axis 0 when ``batched`` (a batch of
+    pairs): the glue between levels (downsampling, resizing and composing fields).
 
-    Run eagerly, these would dispatch (and compile) every primitive on its own; ``fn`` is a module-level function and
-    ``kwargs`` a tuple of items, so the compiled program is reused across calls.
+    Run eagerly, these would dispatch (and compile) every primitive on its own. ``fn`` is a module-level function and
+    ``options`` are hashable, so each distinct call is compiled once and reused (cached here, then by ``jax.jit``).
     """
-    f = partial(fn, **dict(kwargs))
-    return (jax.vmap(f) if batched else f)(*args)
+    f = partial(fn, **options) if options else fn
+    return jax.jit(jax.vmap(f) if batched else f)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -255,26 +437,86 @@ def _optimizer(name, learning_rate, max_iter):
     raise ValueError(f"optimizer must be 'adam', 'sgd' or an optax.GradientTransformation, got {name!r}")
 
 
-def _per_level(value, n, name):
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    if len(values) != n:
-        raise ValueError(f"{name} must be a single value or one per level ({n}), got {value}")
-    return values
+def _level_optimizer(optimizer, learning_rate, max_iter):
+    """The optax transformation of one level: ``optimizer`` itself when it is one, else ``_optimizer``'s."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    return _optimizer(optimizer, learning_rate, max_iter)
+
+
+def _one_per(value, n):
+    """``value`` as an ``n``-tuple: a tuple as it is (its length already checked), a single value repeated."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
 # --------------------------------------------------------------------------------------------------- the driver
-def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transform, deformable, metric,
-              metric_options, affine_metric, affine_metric_options, levels, iterations, affine_levels,
-              affine_iterations, regularizer, reg_weight, learning_rate, affine_learning_rate, optimizer, tol,
-              window, bspline_spacing, steps, field_sigma, initial_disp, initial_matrix, callback):
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """The checked images of one call: one pair, or a batch of pairs along axis 0 when ``batched``."""
+
+    fixed: jax.Array
+    moving: jax.Array
+    fixed_mask: jax.Array | None
+    moving_mask: jax.Array | None
+    batched: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial shape of one image."""
+        return self.fixed.shape[1:] if self.batched else self.fixed.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.fixed.dtype
+
+    def per_pair(self, fn, **options):
+        """``fn(*args, **options)`` for every pair, compiled (see ``_per_pair``)."""
+        return _per_pair(fn, self.batched, **options)
+
+    def broadcast(self, x):
+        """One pair's ``x`` repeated for every pair of a batch (``x`` itself for one pair)."""
+        return jnp.broadcast_to(x, self.fixed.shape[:1] + x.shape) if self.batched else x
+
+    def run_level(self, params, data, cfg: _Level):
+        """``_run_level`` compiled for one pair or vmapped over the batch."""
+        return (_run_level_batch if self.batched else _run_level_jit)(params, data, cfg)
+
+    def at_level(self, factor, **extra) -> dict:
+        """One level's ``data``: the images and masks downsampled by ``factor``, plus the ``extra`` entries."""
+        down = self.per_pair(spatial.downsample, factor=factor)
+        data = {"fixed": down(self.fixed), "moving": down(self.moving)}
+        for name in ("fixed_mask", "moving_mask"):
+            mask = getattr(self, name)
+            data[name] = None if mask is None else down(mask)
+        return {**data, **extra}
+
+
+class _Log:
+    """Loss history and seconds per stage and level, passed to ``callback(name, history)`` as each level ends."""
+
+    def __init__(self, callback):
+        self.history, self.seconds, self.callback = {}, {}, callback
+
+    def level_done(self, name, history, t0, result):
+        self.history[name] = history
+        self.seconds[name] = _elapsed(t0, result)
+        if self.callback:
+            self.callback(name, history)
+
+
+def _checked_pairs(fixed, moving, fixed_mask, moving_mask, *, batched) -> _Pairs:
+    """Float, finite, same-shaped 2-D or 3-D images and non-empty masks of their shape (as the images' dtype)."""
     lead = 1 if batched else 0
     fixed = _validate.floating(fixed, "fixed")
     moving = _validate.floating(moving, "moving")
     _validate.same_shape(fixed, moving, "fixed", "moving")
-    shape = fixed.shape[lead:]
-    ndim = len(shape)
-    if ndim not in (2, 3):
-        raise ValueError(f"fixed and moving must be 2-D or 3-D{' (after the batch axis)' if batched else ''}, got {fixed.shape}")
+    if fixed.ndim - lead not in (2, 3):
+        raise ValueError(f"fixed and moving must be 2-D or 3-D{' (after the batch axis)' if batched else ''}, "
+                         f"got {fixed.shape}")
     _validate.finite(fixed, "fixed")
     _validate.finite(moving, "moving")
     masks = {}
@@ -284,179 +526,163 @@ def _register(fixed, moving, *, batched, fixed_mask, moving_mask, init, transfor
             if m.shape != fixed.shape:
                 raise ValueError(f"{name} must have the image shape {fixed.shape}, got {m.shape}")
             m = m.astype(fixed.dtype)
-            if not isinstance(m, jax.core.Tracer) and bool(jnp.any(jnp.sum(m.reshape(m.shape[:lead] + (-1,)), axis=-1) <= 0)):
+            per_pair = jnp.sum(m.reshape(m.shape[:lead] + (-1,)), axis=-1)
+            if not isinstance(m, jax.core.Tracer) and bool(jnp.any(per_pair <= 0)):
                 raise ValueError(f"{name} is empty (no voxel > 0)")
         masks[name] = m
-    if transform is not None and transform not in transforms.PARAMETRIC:
-        raise ValueError(f"transform must be one of {sorted(transforms.PARAMETRIC)} or None, got {transform!r}")
-    if deformable is not None and deformable not in DEFORMABLE:
-        raise ValueError(f"deformable must be one of {DEFORMABLE} or None, got {deformable!r}")
-    for name, m in (("metric", metric), ("affine_metric", affine_metric)):
-        if m is not None and m not in losses.SIMILARITIES:
-            raise ValueError(f"{name} must be one of {sorted(losses.SIMILARITIES)}, got {m!r}")
-    for name, o in (("metric_options", metric_options), ("affine_metric_options", affine_metric_options)):
-        if o is not None and not isinstance(o, Mapping):
-            raise ValueError(f"{name} must be a dict of keyword options (or None), got {type(o).__name__} {o!r}")
-    # None means "unset" for both affine settings (an empty dict is an explicit "no options"): the parametric stage
-    # uses the deformable stage's metric, and that metric's options; a different metric starts from its defaults
-    affine_options = affine_metric_options
-    if affine_options is None:
-        affine_options = (metric_options or {}) if affine_metric is None or affine_metric == metric else {}
-    affine_metric = metric if affine_metric is None else affine_metric
-    if regularizer is not None and regularizer not in losses.REGULARIZERS:
-        raise ValueError(f"regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got {regularizer!r}")
-    if initial_disp is not None and jnp.shape(initial_disp) != fixed.shape + (ndim,):
-        raise ValueError(f"initial_disp must have shape {fixed.shape + (ndim,)}, got {jnp.shape(initial_disp)}")
-    if initial_matrix is not None and jnp.shape(initial_matrix) != fixed.shape[:lead] + (ndim + 1, ndim + 1):
-        raise ValueError(f"initial_matrix must have shape {fixed.shape[:lead] + (ndim + 1, ndim + 1)}, got {jnp.shape(initial_matrix)}")
-    iterations = _per_level(iterations, len(levels), "iterations")
-    affine_iterations = _per_level(affine_iterations, len(affine_levels), "affine_iterations")
-    run = _run_level_batch if batched else _run_level_jit
-    dtype = fixed.dtype
-    bcast = (lambda x: jnp.broadcast_to(x, fixed.shape[:lead] + x.shape)) if batched else (lambda x: x)
-    history, seconds = {}, {}
+    return _Pairs(fixed, moving, masks["fixed_mask"], masks["moving_mask"], batched)
 
-    def level_data(factor, matrix):
-        ds = partial(_call, spatial.downsample, (("factor", factor),), batched)
-        data = {"fixed": ds(fixed), "moving": ds(moving), "matrix": matrix}
-        for name in ("fixed_mask", "moving_mask"):
-            data[name] = None if masks[name] is None else ds(masks[name])
-        return data
 
-    # ---- parametric stage
-    matrix = bcast(jnp.eye(ndim + 1, dtype=dtype)) if initial_matrix is None else jnp.asarray(initial_matrix, dtype)
-    trans_unit = max(shape) / 20.0
-    if transform is not None:
-        n = transforms.num_params(transform, ndim)
-        params = bcast(jnp.zeros(n, dtype))
-        if init == "com":
-            shift = _call(centre_of_mass_shift, (), batched, fixed, moving, masks["fixed_mask"], masks["moving_mask"])
-            params = params.at[..., _translation_slice(transform, ndim)].set(shift / trans_unit)
-        for factor, iters in zip(affine_levels, affine_iterations):
-            t0 = time.perf_counter()
-            lshape = spatial.level_shape(shape, factor)
-            scale = np.array([l / s for l, s in zip(lshape, shape)] + [trans_unit], np.float64).astype(dtype)
-            data = level_data(factor, None)
-            data["scale"] = bcast(jnp.asarray(scale))
-            opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, affine_learning_rate, iters)
-            cfg = _Level("affine", transform, affine_metric, tuple(sorted(affine_options.items())),
-                         None, 0.0, opt, iters, tol, window)
-            params, hist = run(params, data, cfg)
-            key = f"{transform}@{factor}"
-            history[key] = hist
-            seconds[key] = _elapsed(t0, params)
-            if callback:
-                callback(key, hist)
-        full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
-        matrix = _call(_level_matrix, (("model", transform),), batched, params, bcast(full_scale))
+def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_matrix):
+    """What ``RegisterOptions`` cannot check alone: pyramids against the image shape (before anything compiles: a
+    factor of 1000 would build a Gaussian of thousands of taps), per-axis B-spline spacing, starting values."""
+    shape, ndim, lead = pairs.shape, pairs.ndim, pairs.fixed.shape[:1] if pairs.batched else ()
 
-    # ---- deformable stage: each level optimises a correction on top of ``base`` (the previous levels' field)
-    velocity = bcast(jnp.zeros(shape + (ndim,), dtype))
-    base = bcast(jnp.zeros(shape + (ndim,), dtype)) if initial_disp is None else jnp.asarray(initial_disp, dtype)
-    u_full = base
-    if deformable is not None:
-        spacing = _per_level(bspline_spacing, ndim, "bspline_spacing")
-        for factor, iters in zip(levels, iterations):
-            t0 = time.perf_counter()
-            lshape = spatial.level_shape(shape, factor)
-            d = np.array([l / s for l, s in zip(lshape, shape)]).astype(dtype)
-            data = level_data(factor, _rescale_matrix(matrix, d))
-            data["base"] = base = _call(spatial.resize_disp, (("shape", lshape),), batched, base)
-            if deformable == "bspline":
-                params = bcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
-            else:
-                params = base if deformable == "diffeo" else jnp.zeros_like(base)
-            opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else _optimizer(optimizer, learning_rate, iters)
-            cfg = _Level("deformable", deformable, metric, tuple(sorted((metric_options or {}).items())), regularizer,
-                         float(reg_weight), opt, iters, tol, window, spacing if deformable == "bspline" else None,
-                         shape if deformable == "bspline" else None, steps, float(field_sigma))
-            params, hist = run(params, data, cfg)
-            u, dense = _call(_field, (("cfg", cfg),), batched, params, base)
-            base = u if dense is None else dense  # the dense displacement (disp, bspline) or velocity (svf)
-            key = f"{deformable}@{factor}"
-            history[key] = hist
-            seconds[key] = _elapsed(t0, base)
-            if callback:
-                callback(key, hist)
-        base = _call(spatial.resize_disp, (("shape", shape),), batched, base)
-        if deformable == "svf":
-            velocity = base
-            u_full = _call(spatial.integrate_velocity, (("steps", steps),), batched, base)
+    def fits(factor):
+        return all(n >= min(MIN_LEVEL_SIZE, s) for n, s in zip(spatial.level_shape(shape, factor), shape))
+
+    for name, factors, runs in (("affine_levels", opts.affine_levels, opts.transform is not None),
+                                ("levels", opts.levels, opts.deformable is not None)):
+        bad = [f for f in factors if not fits(f)] if runs else []
+        if bad:
+            largest = max(f for f in range(1, max(shape) + 1) if fits(f))
+            raise ValueError(f"{name}={factors}: factor {bad[0]} shrinks the {shape} image to "
+                             f"{spatial.level_shape(shape, bad[0])}; every level needs at least {MIN_LEVEL_SIZE} "
+                             f"voxels per axis (or the whole axis), so factors up to {largest} fit")
+    spacing = opts.bspline_spacing
+    if isinstance(spacing, tuple) and len(spacing) != ndim:
+        raise ValueError(f"bspline_spacing must be a single value or one per axis ({ndim}), got {spacing}")
+    if initial_disp is not None and jnp.shape(initial_disp) != pairs.fixed.shape + (ndim,):
+        raise ValueError(f"initial_disp must have shape {pairs.fixed.shape + (ndim,)}, got {jnp.shape(initial_disp)}")
+    if initial_matrix is not None and jnp.shape(initial_matrix) != lead + (ndim + 1, ndim + 1):
+        raise ValueError(f"initial_matrix must have shape {lead + (ndim + 1, ndim + 1)}, got "
+                         f"{jnp.shape(initial_matrix)}")
+
+
+def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log: _Log) -> jax.Array:
+    """The ``(ndim+1, ndim+1)`` matrix (per pair) of ``opts.transform``, optimised coarse to fine over
+    ``affine_levels`` from the centre-of-mass shift (``init="com"``) or the identity; without a transform,
+    ``initial_matrix`` or the identity."""
+    shape, ndim, dtype, model = pairs.shape, pairs.ndim, pairs.dtype, opts.transform
+    if model is None:
+        eye = pairs.broadcast(jnp.eye(ndim + 1, dtype=dtype))
+        return eye if initial_matrix is None else jnp.asarray(initial_matrix, dtype)
+    trans_unit = max(shape) / 20.0  # translations are optimised in these units (see _level_matrix)
+    params = pairs.broadcast(jnp.zeros(transforms.num_params(model, ndim), dtype))
+    if opts.init == "com":
+        shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask, pairs.moving_mask)
+        params = params.at[..., _translation_slice(model, ndim)].set(shift / trans_unit)
+    metric, metric_options = opts.affine_similarity()
+    for factor, iters in zip(opts.affine_levels, _one_per(opts.affine_iterations, len(opts.affine_levels))):
+        t0 = time.perf_counter()
+        lshape = spatial.level_shape(shape, factor)
+        scale = np.array([n / s for n, s in zip(lshape, shape)] + [trans_unit], np.float64).astype(dtype)
+        data = pairs.at_level(factor, matrix=None, scale=pairs.broadcast(jnp.asarray(scale)))
+        cfg = _Level("affine", model, metric, tuple(sorted(metric_options.items())), None, 0.0,
+                     _level_optimizer(opts.optimizer, opts.affine_learning_rate, iters), iters, opts.tol, opts.window)
+        params, hist = pairs.run_level(params, data, cfg)
+        log.level_done(f"{model}@{factor}", hist, t0, params)
+    full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
+    return pairs.per_pair(_level_matrix, model=model)(params, pairs.broadcast(full_scale))
+
+
+def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp, log: _Log):
+    """``(u, velocity)``: the displacement (fixed-grid voxels, applied before ``matrix``) of ``opts.deformable``,
+    optimised coarse to fine over ``levels`` from ``initial_disp`` (or zeros), and the stationary velocity of "svf"
+    (else zeros). Each level optimises a correction on top of ``base``, the previous levels' field."""
+    shape, ndim, dtype, model = pairs.shape, pairs.ndim, pairs.dtype, opts.deformable
+    velocity = zeros = pairs.broadcast(jnp.zeros(shape + (ndim,), dtype))
+    base = zeros if initial_disp is None else jnp.asarray(initial_disp, dtype)
+    if model is None:
+        return base, velocity
+    bspline = model == "bspline"
+    spacing = _one_per(opts.bspline_spacing, ndim)
+    metric_options = tuple(sorted((opts.metric_options or {}).items()))
+    for factor, iters in zip(opts.levels, _one_per(opts.iterations, len(opts.levels))):
+        t0 = time.perf_counter()
+        lshape = spatial.level_shape(shape, factor)
+        d = np.array([n / s for n, s in zip(lshape, shape)]).astype(dtype)
+        base = pairs.per_pair(spatial.resize_disp, shape=lshape)(base)
+        data = pairs.at_level(factor, matrix=_rescale_matrix(matrix, d), base=base)
+        if bspline:
+            params = pairs.broadcast(jnp.zeros(transforms.bspline_grid_shape(shape, spacing) + (ndim,), dtype))
         else:
-            u_full = base
-    disp = _call(spatial.compose_affine, (), batched, matrix, u_full)
-    warped = _call(spatial.warp, (), batched, moving, disp)
-    return Result(matrix, disp, warped, velocity, history, seconds)
+            params = base if model == "diffeo" else jnp.zeros_like(base)
+        cfg = _Level("deformable", model, opts.metric, metric_options, opts.regularizer, opts.reg_weight,
+                     _level_optimizer(opts.optimizer, opts.learning_rate, iters), iters, opts.tol, opts.window,
+                     spacing if bspline else None, shape if bspline else None, opts.steps, opts.field_sigma)
+        params, hist = pairs.run_level(params, data, cfg)
+        u, dense = pairs.per_pair(_field, cfg=cfg)(params, base)
+        base = u if dense is None else dense  # the dense displacement (disp, bspline, diffeo) or velocity (svf)
+        log.level_done(f"{model}@{factor}", hist, t0, base)
+    base = pairs.per_pair(spatial.resize_disp, shape=shape)(base)
+    if model == "svf":
+        return pairs.per_pair(spatial.integrate_velocity, steps=opts.steps)(base), base
+    return base, velocity
 
 
-_DEFAULTS = dict(
-    fixed_mask=None, moving_mask=None, init="com", transform="affine", deformable="disp", metric="lncc",
-    metric_options=None, affine_metric=None, affine_metric_options=None, levels=(4, 2, 1), iterations=(100, 80, 40),
-    affine_levels=(4, 2), affine_iterations=(100, 50), regularizer="diffusion", reg_weight=0.3, learning_rate=0.3,
-    affine_learning_rate=0.02, optimizer="adam", tol=1e-4, window=10, bspline_spacing=4, steps=7, field_sigma=1.0,
-    initial_disp=None, initial_matrix=None, callback=None,
-)
+def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, initial_disp,
+              initial_matrix, callback) -> Result:
+    pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, batched=batched)
+    _check_setup(pairs, opts, initial_disp, initial_matrix)
+    log = _Log(callback)
+    matrix = _parametric_stage(pairs, opts, initial_matrix, log)
+    u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
+    disp = pairs.per_pair(spatial.compose_affine)(matrix, u)
+    warped = pairs.per_pair(spatial.warp)(pairs.moving, disp)
+    return Result(matrix, disp, warped, velocity, log.history, log.seconds)
 
 
-#: Named option sets (used by the ``jaxreg`` command and the benchmarks); pass as ``register(f, m, **PRESETS[k])``.
-PRESETS = {
-    "default": dict(deformable="disp", metric="lncc", metric_options={"window": 5}),
-    # about 2.4x fewer iterations than the default for ~0.001 lower Dice on MNI-derived 2 mm pairs
-    "fast": dict(deformable="disp", metric="lncc", metric_options={"window": 5}, iterations=(60, 40, 20),
-                 affine_iterations=(60, 30)),
-    "diffeo": dict(deformable="diffeo", metric="lncc", metric_options={"window": 5}),
-    # affine by mutual information, then NGF: on T2-like -> T1 MNI pairs NGF gave 0.843 Dice (0 % folding) against
-    # 0.777 (0.09 % folding) with MI in the deformable stage (BENCHMARKS.md)
-    "multimodal": dict(deformable="disp", metric="ngf", affine_metric="mi"),
-    "affine": dict(deformable=None, metric="lncc", metric_options={"window": 5}),
-}
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RegisterOptions))
 
 
-def register(fixed, moving, **options) -> Result:
+def _with_overrides(options: RegisterOptions | None, overrides: dict) -> RegisterOptions:
+    """``options`` (default ``RegisterOptions()``) with the fields named in ``overrides`` replaced."""
+    if options is None:
+        options = RegisterOptions()
+    elif not isinstance(options, RegisterOptions):
+        raise TypeError(f"options must be a RegisterOptions (e.g. PRESETS['default']), got {type(options).__name__}; "
+                        "single fields go as keywords, e.g. register(fixed, moving, metric='mi')")
+    unknown = sorted(set(overrides) - _OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options (RegisterOptions fields): "
+                         f"{sorted(_OPTION_NAMES)}")
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
+             fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
+             initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
+             callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
     """Register ``moving`` onto ``fixed`` (same grid, ``(*spatial)`` float, 2-D or 3-D); returns a ``Result``.
 
-    Keyword options (defaults in brackets):
-      fixed_mask, moving_mask: ``(*spatial)`` weights; the similarity is computed where both are > 0 [None].
-      init: ``"com"`` centre-of-mass translation before the parametric stage, or None ["com"].
-      transform: "translation", "rigid", "similarity", "affine" or None ["affine"].
-      deformable: "disp" (dense displacement), "svf" (stationary velocity, scaling and squaring, exact gradient
-        through the integration: diffeomorphic but slow on CPU), "diffeo" (greedy diffeomorphic: the displacement
-        is updated by composition with the exponential of each smoothed optax step, as in diffeomorphic Demons and
-        ANTs' greedy SyN: invertible and as cheap as "disp"), "bspline" or None ["disp"].
-      metric: any key of ``losses.SIMILARITIES`` for the deformable stage ["lncc"]; metric_options: dict of its
-        keyword options (e.g. ``{"window": 7}``, ``{"bins": 32}``).
-      affine_metric: the similarity of the parametric stage [None: ``metric``]; affine_metric_options: its options
-        [None: ``metric_options`` when the parametric stage uses ``metric``, else none (the metric's defaults)];
-        ``{}`` always means no options.
-      levels, iterations: pyramid factors of the deformable stage, coarse to fine, and max iterations per level
-        [(4, 2, 1), (100, 80, 40)]; affine_levels, affine_iterations likewise [(4, 2), (100, 50)].
-      regularizer: key of ``losses.REGULARIZERS`` or None ["diffusion"]; reg_weight: its weight [0.3]. For "svf"
-        the velocity is regularised, else the displacement.
-      learning_rate, affine_learning_rate: Adam step sizes (voxels for fields; radians / (max(shape)/20) voxels for
-        parameters), cosine-decayed to 10 % within each level [0.3, 0.02].
-      optimizer: "adam", "sgd", or any ``optax.GradientTransformation`` (used for every level) ["adam"].
-      tol, window: stop a level when the loss improved by less than ``tol`` (relative) over ``window`` iterations
-        [1e-4, 10]; ``tol=0`` runs every iteration.
-      bspline_spacing: control-point spacing in full-resolution voxels [4]; steps: scaling-and-squaring steps [7].
-      field_sigma: for "disp" and "svf" the optimised parameter field is Gaussian-smoothed with this sigma (level
-        voxels) before use, which keeps Adam's per-voxel steps smooth [1.0]; 0 optimises the field directly.
-      initial_disp: ``(*spatial, ndim)`` deformable field to start from (instance optimisation of a network's
-        output; applied before the matrix) [None]; initial_matrix: starting matrix when ``transform`` is None [None].
-      callback: ``callback(stage_level_name, loss_history)`` after each level (progress bars) [None].
+    options: the settings, a ``RegisterOptions`` [``RegisterOptions()``; see also ``PRESETS``].
+    overrides: ``RegisterOptions`` fields by name replacing those of ``options``, e.g.
+      ``register(f, m, options=PRESETS["affine"], iterations=(10,))``; an unknown name is a ``ValueError``. Only the
+      named fields change: another ``metric`` keeps ``options.metric_options`` unless that is replaced too.
+    fixed_mask, moving_mask: ``(*spatial)`` weights; the similarity is computed where both are > 0 [None].
+    initial_disp: ``(*spatial, ndim)`` deformable field (fixed-grid voxels) to start from, e.g. instance
+      optimisation of a network's output; applied before the matrix [None].
+    initial_matrix: ``(ndim+1, ndim+1)`` matrix about the grid centre used when ``transform`` is None [None].
+    callback: ``callback(stage_level_name, loss_history)`` after each level, e.g. progress bars [None].
+
+    Raises ``ValueError`` naming the argument or option before anything is compiled: bad images or masks, invalid
+    options, or a pyramid level that leaves fewer than ``MIN_LEVEL_SIZE`` voxels along an axis of the image.
     """
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(_DEFAULTS)}")
-    return _register(fixed, moving, batched=False, **{**_DEFAULTS, **options})
+    opts = _with_overrides(options, overrides)
+    return _register(fixed, moving, opts, batched=False, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                     initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
 
 
-def register_batch(fixed, moving, **options) -> Result:
+def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
+                   fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
+                   initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
+                   callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
     """``register`` for a batch ``(B, *spatial)`` of same-shaped pairs, one compiled ``vmap`` program per level.
 
-    Options as ``register``; masks and ``initial_disp`` carry the batch axis too. Every field of the result has a
-    leading batch axis.
+    Arguments as ``register``; masks, ``initial_disp`` and ``initial_matrix`` carry the batch axis too. Every field
+    of the result has a leading batch axis.
     """
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(_DEFAULTS)}")
-    return _register(fixed, moving, batched=True, **{**_DEFAULTS, **options})
+    opts = _with_overrides(options, overrides)
+    return _register(fixed, moving, opts, batched=True, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                     initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)

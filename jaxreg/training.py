@@ -288,7 +288,7 @@ def save_config(config, workdir) -> None:
 
 
 def fit(directory, *, model, loss, train, shape, batches: Callable[[int, int], Iterator], key, columns,
-        place: str = "shard", stop_at: int | None = None, progress: bool = True, desc: str = "train",
+        config=None, place: str = "shard", stop_at: int | None = None, progress: bool = True, desc: str = "train",
         postfix=("loss",)) -> TrainState:
     """Train ``model`` on ``loss`` in ``directory``, resuming from its checkpoints; the ``fit`` of every method.
 
@@ -304,6 +304,9 @@ def fit(directory, *, model, loss, train, shape, batches: Callable[[int, int], I
       key: the run's PRNG key; step ``s`` gets ``fold_in(fold_in(key, 1), s)``, so a resumed run sees the keys (and,
         with deterministic ``batches``, the data) an uninterrupted one would.
       columns: the metric names of a log row (between ``step`` and ``steps_per_s``).
+      config: the run's config, written to ``directory/config.json`` once the checkpoints found there (if any)
+        are known to fit ``model`` (a resumed run with another model fails naming the parameter, and the config
+        of the run that wrote those checkpoints is kept).
       place: ``"shard"`` splits each batch's leading axis over the devices, ``"replicate"`` copies it to all.
       stop_at: end after this step (saving a checkpoint), as an interruption would; rerun to resume.
 
@@ -318,6 +321,12 @@ def fit(directory, *, model, loss, train, shape, batches: Callable[[int, int], I
     state = replicate(create_state(model, tx, jax.random.fold_in(key, 0), shape), mesh)
     manager = checkpoint_manager(os.path.join(directory, "checkpoints"), save_every=int(train.checkpoint_every),
                                  keep=int(train.keep_checkpoints))
+    latest = manager.latest_step()
+    if latest is not None:
+        _check_params(manager.item_metadata(latest).tree["params"], state.params,
+                      os.path.join(directory, "checkpoints", str(latest)))
+    if config is not None:
+        save_config(config, directory)
     restored = restore_checkpoint(manager, state)
     if restored is not None:
         state = restored

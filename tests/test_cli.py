@@ -1,13 +1,15 @@
 """The jaxreg command end to end on tiny NIfTI files (different grids, non-identity affines) and bad inputs."""
+import dataclasses
 import json
 import os
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxreg import cli
+from jaxreg import cli, losses, optimize, transforms
 from jaxreg.data import io
 
 FAST = ["--affine-levels", "1", "--affine-iterations", "30", "--levels", "1", "--iterations", "10", "--quiet"]
@@ -59,6 +61,9 @@ def test_register_round_trip_writes_results_on_the_fixed_grid(case, capsys):
     assert warped.shape == (20, 22, 18)
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["mean_dice"] > 0.9 and report["jacobian"]["folding_fraction"] == 0.0
+    # every engine option, as JSON: the preset's with the flags given replacing its fields
+    assert report["options"] == {**json.loads(json.dumps(dataclasses.asdict(optimize.PRESETS["default"]))),
+                                 "levels": [1], "iterations": 10, "affine_levels": [1], "affine_iterations": 30}
     fixed = io.load(case["fixed"]).data
     # the moving image was the fixed content on a coarser, flipped grid: after resampling it matches closely
     assert np.corrcoef(np.asarray(warped.dataobj).ravel(), fixed.ravel())[0, 1] > 0.95
@@ -81,7 +86,6 @@ def test_register_round_trip_writes_results_on_the_fixed_grid(case, capsys):
         (lambda c: ["register", c["fixed"], _nan_image(c)], "NaN/Inf voxel"),
         (lambda c: ["register", c["fixed"], _four_d(c)], "expected a 2-D or 3-D image"),
         (lambda c: ["register", c["fixed"], c["moving"], "--fixed-mask", _empty_mask(c)], "empty"),
-        (lambda c: ["register", c["fixed"], c["moving"], "--metric", "cosine"], "metric must be one of"),
         (lambda c: ["register", c["fixed"], c["moving"], "--window", "4"], "window"),
     ],
 )
@@ -95,10 +99,31 @@ def test_bad_input_gives_one_clear_message_and_no_output(case, capsys, make_args
     assert not [p for p in os.listdir(case["dir"]) if p.startswith(".jaxreg-")]  # no staging folder left behind
 
 
-def test_unknown_option_exits_nonzero(capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "--bogus"),
+        (["--metric", "cosine"], "argument --metric: invalid choice: 'cosine'"),
+        (["--affine-metric", "none"], "argument --affine-metric: invalid choice: 'none'"),
+        (["--preset", "slow"], "argument --preset: invalid choice: 'slow'"),
+        (["--levels", "two"], "argument --levels: invalid int value: 'two'"),
+    ],
+)
+def test_unknown_option_or_choice_exits_nonzero(capsys, args, message):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["register", "a.nii", "b.nii", "-o", "x", "--bogus"])
-    assert exc.value.code != 0 and "--bogus" in capsys.readouterr().err
+        cli.main(["register", "a.nii", "b.nii", "-o", "x", *args])
+    assert exc.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_a_pyramid_typo_fails_at_once(case, capsys):
+    out = case["dir"] / "typo"
+    t0 = time.perf_counter()
+    code = cli.main(["register", case["fixed"], case["moving"], "-o", str(out), "--levels", "1000", "2", "1",
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - t0 < 30, err
+    assert "levels=(1000, 2, 1): factor 1000 shrinks the (20, 22, 18) image to (1, 1, 1)" in err, err
+    assert not out.exists()
 
 
 def _garbage(c):
@@ -143,8 +168,8 @@ def _parse(*args):
 )
 def test_similarity_options_go_to_the_stages_they_apply_to(args, metric_options, affine_metric_options):
     opts = _parse(*args)
-    assert opts.get("metric_options") == metric_options
-    assert opts.get("affine_metric_options") == affine_metric_options
+    assert opts.metric_options == metric_options
+    assert opts.affine_metric_options == affine_metric_options
 
 
 @pytest.mark.parametrize(
@@ -159,3 +184,47 @@ def test_similarity_options_go_to_the_stages_they_apply_to(args, metric_options,
 def test_similarity_option_misuse_is_a_clear_error(args, message):
     with pytest.raises(ValueError, match=message):
         _parse(*args)
+
+
+def test_flags_come_from_the_options_and_the_registries():
+    parser = cli._parser()
+    register = parser._subparsers._group_actions[0].choices["register"]
+    flags = {a.dest: a for a in register._actions}
+    fields = {f.name for f in dataclasses.fields(optimize.RegisterOptions)}
+    # the similarity options come from --window, --bins and --metric-checkpoint
+    assert fields - set(flags) == {"metric_options", "affine_metric_options"}
+    assert flags["metric"].choices == flags["affine_metric"].choices == sorted(losses.SIMILARITIES) + ["learned"]
+    assert flags["transform"].choices == sorted(transforms.PARAMETRIC) + ["none"]
+    assert flags["deformable"].choices == list(optimize.DEFORMABLE) + ["none"]
+    assert flags["regularizer"].choices == sorted(losses.REGULARIZERS) + ["none"]
+    assert flags["preset"].choices == list(optimize.PRESETS)
+    assert "[100 80 40; fast: 60 40 20]" in flags["iterations"].help  # the default, then the presets that differ
+    assert "[lncc; multimodal: ngf]" in flags["metric"].help
+
+
+@pytest.mark.parametrize("name", list(optimize.PRESETS))
+def test_a_preset_without_flags_is_the_preset(name):
+    assert _parse("--preset", name) == optimize.PRESETS[name]
+
+
+def test_flags_replace_fields():
+    opts = _parse("--preset", "fast", "--transform", "none", "--deformable", "svf", "--levels", "2", "1",
+                  "--iterations", "7", "--tol-window", "5", "--window", "3", "--regularizer", "none",
+                  "--bspline-spacing", "4", "6", "--optimizer", "sgd", "--init", "none", "--field-sigma", "0")
+    assert opts == dataclasses.replace(optimize.PRESETS["fast"], transform=None, deformable="svf", levels=(2, 1),
+                                       iterations=7, window=5, metric_options={"window": 3}, regularizer=None,
+                                       bspline_spacing=(4, 6), optimizer="sgd", init=None, field_sigma=0.0)
+    with pytest.raises(ValueError, match=r"iterations must be a single value or one per level \(2\)"):
+        _parse("--levels", "2", "1")
+    with pytest.raises(ValueError, match="reg_weight must be a number >= 0"):
+        _parse("--reg-weight", "-1")
+
+
+def test_the_learned_metric_is_named_in_the_report_options():
+    from jaxreg.methods import learned_metric
+
+    opts = _parse("--metric", "learned", "--metric-checkpoint", "ck")
+    assert opts.metric is learned_metric.metric and opts.metric_options == {"checkpoint": "ck"}
+    report = json.loads(json.dumps(cli._options_json(opts)))
+    assert report["metric"] == "learned" and report["affine_metric"] is None
+    assert report["metric_options"] == {"checkpoint": "ck"} and report["levels"] == [4, 2, 1]

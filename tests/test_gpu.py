@@ -48,7 +48,7 @@ def test_registration_on_gpu_recovers_a_shift(rng):
     moving = (moving - moving.min()) / (moving.max() - moving.min())
     fixed = ndi.shift(moving, (1.5, -1.0, 0.5), order=1, mode="nearest").astype(np.float32)
     with jax.default_device(_gpu()):
-        res = optimize.register(fixed, moving, **optimize.PRESETS["fast"])
+        res = optimize.register(fixed, moving, options=optimize.PRESETS["fast"])
         assert res.disp.devices() == {_gpu()} and res.disp.dtype == jnp.float32
     before = np.mean((fixed - moving) ** 2)
     after = np.mean((np.asarray(res.warped) - fixed)[4:-4, 4:-4, 4:-4] ** 2)

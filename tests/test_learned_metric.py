@@ -224,11 +224,11 @@ def test_cli_metric_checkpoint_option():
         return cli._options_from_args(cli._parser().parse_args(["register", "f.nii", "m.nii", "-o", "o", *args]))
 
     opts = parse("--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
-    assert opts["metric"] == "learned" and opts["metric_options"] == {"checkpoint": "runs/lm/k20"}
+    assert opts.metric is lm.metric and opts.metric_options == {"checkpoint": "runs/lm/k20"}
     with pytest.raises(ValueError, match="--metric-checkpoint"):
         parse("--metric", "learned")
     # the parametric stage may use another metric: it then gets its own (default) options, not the checkpoint
     opts = parse("--preset", "multimodal", "--metric", "learned", "--metric-checkpoint", "runs/lm/k20")
-    assert opts["affine_metric"] == "mi" and opts.get("affine_metric_options") is None
+    assert opts.affine_metric == "mi" and opts.affine_metric_options is None
     with pytest.raises(ValueError, match="--metric-checkpoint applies to"):
         parse("--metric-checkpoint", "runs/lm/k20")

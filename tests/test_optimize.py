@@ -1,10 +1,12 @@
-"""The classical engine recovers known transforms (2-D and small 3-D synthetic pairs)."""
+"""The classical engine recovers known transforms (2-D and small 3-D synthetic pairs); its options are checked."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxreg import metrics, optimize, spatial, transforms
+from jaxreg import losses, metrics, optimize, spatial, transforms
 from jaxreg.data import synthetic
 
 
@@ -88,12 +90,12 @@ def test_register_batch_equals_register_per_pair(rng):
     pairs = [_affine_case(rng, shape, np.array([0.05, 0.0, 0.0, -0.05, 1.5 * k, -1.0])) for k in (1, 2)]
     fixed = np.stack([p[0] for p in pairs])
     moving = np.stack([p[1] for p in pairs])
-    opts = dict(transform="affine", deformable="disp", metric="mse", affine_levels=(2,), affine_iterations=(40,),
-                levels=(2, 1), iterations=(20, 10), tol=0.0)
-    batch = optimize.register_batch(fixed, moving, **opts)
+    opts = optimize.RegisterOptions(transform="affine", deformable="disp", metric="mse", affine_levels=(2,),
+                                    affine_iterations=(40,), levels=(2, 1), iterations=(20, 10), tol=0.0)
+    batch = optimize.register_batch(fixed, moving, options=opts)
     assert batch.disp.shape == (2,) + shape + (2,)
     for i in range(2):
-        single = optimize.register(fixed[i], moving[i], **opts)
+        single = optimize.register(fixed[i], moving[i], options=opts)
         np.testing.assert_allclose(batch.disp[i], single.disp, atol=0.02)  # float32 reassociation under vmap
         np.testing.assert_allclose(batch.matrix[i], single.matrix, atol=1e-3)
 
@@ -106,32 +108,163 @@ def _label_dice(pair, disp):
 def test_instance_optimisation_starts_from_the_given_field():
     pair = synthetic.synthetic_pair(4, shape=(48, 48), deform_scale=3.0, affine_scale=0.0, noise_std=0.0, bias_scale=0.0)
     start = np.asarray(pair["disp"]) * 0.3  # e.g. a network's imperfect guess
-    opts = dict(transform=None, deformable="disp", metric="lncc", levels=(1,), initial_disp=start)
-    untouched = optimize.register(pair["fixed"], pair["moving"], iterations=(0,), **opts)
-    optimize.register(pair["fixed"], pair["moving"], iterations=(3,), **opts)  # fewer iterations than the window
+    opts = optimize.RegisterOptions(transform=None, deformable="disp", metric="lncc", levels=(1,), iterations=(0,))
+    untouched = optimize.register(pair["fixed"], pair["moving"], options=opts, initial_disp=start)
+    # fewer iterations than the window
+    optimize.register(pair["fixed"], pair["moving"], options=opts, initial_disp=start, iterations=(3,))
     np.testing.assert_allclose(untouched.disp, start, atol=1e-6)  # zero iterations: the start itself
-    refined = optimize.register(pair["fixed"], pair["moving"], iterations=(60,), reg_weight=0.1, learning_rate=0.1, **opts)
+    refined = optimize.register(pair["fixed"], pair["moving"], options=opts, initial_disp=start, iterations=(60,),
+                                reg_weight=0.1, learning_rate=0.1)
     assert _label_dice(pair, refined.disp) > _label_dice(pair, start) + 0.05
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"metric": "cosine"}, r"metric must be one of"),
+        ({"metric": "cosine"}, r"metric must be one of \[.*\] or a callable fn\(fixed, warped"),
+        ({"affine_metric": 3}, r"affine_metric must be one of .* or None or a callable"),
         ({"transform": "shear"}, r"transform must be one of"),
         ({"deformable": "fluid"}, r"deformable must be one of"),
+        ({"init": "moments"}, r"init must be one of \['com'\] or None"),
+        ({"regularizer": "tv"}, r"regularizer must be one of \['bending', 'diffusion', 'folding'\] or None"),
         ({"levels": (2, 1), "iterations": (5, 5, 5)}, r"iterations must be a single value or one per level \(2\)"),
+        ({"iterations": -1}, r"iterations must be an int >= 0 or one per level, got -1"),
+        ({"affine_iterations": (10, 2.5)}, r"affine_iterations must be an int >= 0"),
+        ({"levels": (0,), "iterations": 5}, r"levels must be a non-empty tuple of pyramid factors .*got \(0,\)"),
+        ({"levels": (2, -2), "iterations": 5}, r"levels must be .*ints >= 1.*got \(2, -2\)"),
+        ({"affine_levels": ()}, r"affine_levels must be a non-empty tuple"),
+        ({"levels": 2}, r"levels must be a non-empty tuple"),
+        ({"reg_weight": -0.1}, r"reg_weight must be a number >= 0, got -0.1"),
+        ({"learning_rate": 0}, r"learning_rate must be a number > 0, got 0"),
+        ({"affine_learning_rate": float("nan")}, r"affine_learning_rate must be a number > 0"),
+        ({"tol": -1e-4}, r"tol must be a number >= 0"),
+        ({"window": 0}, r"window must be an int >= 1, got 0"),
+        ({"steps": -1}, r"steps must be an int >= 0"),
+        ({"field_sigma": -1.0}, r"field_sigma must be a number >= 0"),
+        ({"bspline_spacing": 0}, r"bspline_spacing must be a number > 0"),
+        ({"bspline_spacing": (4, 4, 4)}, r"bspline_spacing must be a single value or one per axis \(2\)"),
+        ({"optimizer": "rmsprop"}, r"optimizer must be one of \('adam', 'sgd'\) or an optax.GradientTransformation"),
+        ({"metric_options": "window=5"}, r"metric_options must be a dict of keyword options"),
+        ({"affine_metric_options": [("bins", 16)]}, r"affine_metric_options must be a dict"),
         ({"fixed_mask": np.zeros((16, 16))}, r"fixed_mask is empty"),
         ({"fixed_mask": np.ones((8, 16))}, r"fixed_mask must have the image shape"),
-        ({"learning_rte": 0.1}, r"unknown option\(s\) \['learning_rte'\]"),
+        ({"learning_rte": 0.1}, r"unknown option\(s\) \['learning_rte'\]; valid options .*'learning_rate'"),
         ({"initial_disp": np.zeros((16, 16, 3))}, r"initial_disp must have shape \(16, 16, 2\)"),
-        ({"affine_metric_options": [("bins", 16)]}, r"affine_metric_options must be a dict"),
     ],
 )
 def test_bad_options_raise(options, message):
     img = np.ones((16, 16), np.float32)
     with pytest.raises(ValueError, match=message):
         optimize.register(img, img, **options)
+
+
+def _no_compiling(monkeypatch):
+    """Make any compiled work (a level, the glue between levels) fail the test."""
+    def fail(*args, **kwargs):
+        raise AssertionError("compiled work started before the options were rejected")
+    for name in ("_run_level_jit", "_run_level_batch", "_per_pair"):
+        monkeypatch.setattr(optimize, name, fail)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # a typo such as --levels 1000 2 1 must fail at once (a factor-1000 Gaussian would exhaust memory)
+        ({"levels": (1000, 2, 1)}, (r"levels=\(1000, 2, 1\): factor 1000 shrinks the \(16, 20\) image to \(1, 1\); "
+                                    r"every level needs at least 4 voxels per axis .* factors up to 5 fit")),
+        ({"affine_levels": (8, 1)}, r"affine_levels=\(8, 1\): factor 8 shrinks the \(16, 20\) image to \(2, 3\)"),
+        ({"levels": (0, 2, 1)}, r"levels must be a non-empty tuple of pyramid factors \(ints >= 1"),
+        ({"levels": (-2, 2, 1)}, r"levels must be .* got \(-2, 2, 1\)"),
+    ],
+)
+def test_bad_pyramids_fail_before_compiling(options, message, monkeypatch):
+    _no_compiling(monkeypatch)
+    img = np.ones((16, 20), np.float32)
+    with pytest.raises(ValueError, match=message):
+        optimize.register(img, img, **options)
+    with pytest.raises(ValueError, match=message):
+        optimize.register_batch(img[None], img[None], **options)
+
+
+def test_pyramid_check_only_applies_to_the_stages_that_run_and_spares_short_axes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(optimize, "_run_level_jit", lambda params, data, cfg: (
+        seen.append((cfg.kind, data["fixed"].shape)) or params, jnp.zeros(cfg.max_iter)))
+    img = np.ones((16, 12), np.float32)
+    optimize.register(img, img, transform="translation", init=None, deformable=None, affine_levels=(3, 1),
+                      levels=(1000, 2, 1))
+    assert seen == [("affine", (6, 4)), ("affine", (16, 12))]
+    # an axis shorter than 4 voxels is never shrunk below itself (only factor 1 fits it)
+    with pytest.raises(ValueError, match=r"factor 2 shrinks the \(16, 12, 3\) image to \(8, 6, 2\)"):
+        optimize.register(np.ones((16, 12, 3), np.float32), np.ones((16, 12, 3), np.float32), deformable=None,
+                          affine_levels=(2, 1))
+
+
+def test_register_options_are_frozen_normalised_and_replaceable():
+    opts = optimize.RegisterOptions(levels=[2, 1], iterations=[3, 4], metric_options={"window": 5})
+    assert opts.levels == (2, 1) and opts.iterations == (3, 4) and opts.window == 10 and opts.reg_weight == 0.3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.metric = "mi"
+    mine = {"window": 7}
+    assert optimize.RegisterOptions(metric_options=mine).metric_options is not mine  # copied, not aliased
+    with pytest.raises(TypeError):
+        optimize.RegisterOptions("com")  # keyword-only
+    assert dataclasses.replace(opts, metric="mi").metric == "mi"
+    with pytest.raises(ValueError, match="metric must be one of"):
+        dataclasses.replace(opts, metric="cosine")  # replacing validates again
+    assert set(optimize.PRESETS) == {"default", "fast", "diffeo", "multimodal", "affine"}
+    assert all(isinstance(p, optimize.RegisterOptions) for p in optimize.PRESETS.values())
+    assert optimize.PRESETS["multimodal"].affine_similarity() == ("mi", {})
+    assert optimize.PRESETS["default"].affine_similarity() == ("lncc", {"window": 5})
+
+
+def test_overrides_replace_fields_of_the_given_options(monkeypatch):
+    seen = []
+
+    def level(params, data, cfg):  # records what each level would optimise, without compiling it
+        seen.append((cfg.model, cfg.metric, dict(cfg.metric_options), cfg.max_iter, data["fixed"].shape))
+        return params, jnp.zeros(cfg.max_iter, params.dtype)
+
+    monkeypatch.setattr(optimize, "_run_level_jit", level)
+    img = np.ones((16, 16), np.float32)
+    preset = optimize.PRESETS["affine"]
+    optimize.register(img, img, options=preset, transform="rigid", affine_levels=(2,), affine_iterations=7)
+    assert seen == [("rigid", "lncc", {"window": 5}, 7, (8, 8))]
+    assert preset == optimize.RegisterOptions(deformable=None, metric="lncc", metric_options={"window": 5})
+    seen.clear()
+    # an override replaces that field only: the preset's lncc options stay unless replaced too
+    optimize.register(img, img, options=preset, affine_levels=(1,), affine_iterations=(3,), metric="mi")
+    optimize.register(img, img, options=preset, affine_levels=(1,), affine_iterations=(3,), metric="mi",
+                      metric_options=None)
+    assert seen == [("affine", "mi", {"window": 5}, 3, (16, 16)), ("affine", "mi", {}, 3, (16, 16))]
+    with pytest.raises(TypeError, match="options must be a RegisterOptions"):
+        optimize.register(img, img, options={"metric": "mi"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus', 'levls'\]; valid options .*'levels'"):
+        optimize.register_batch(img[None], img[None], options=preset, levls=(1,), bogus=1)
+
+
+def test_a_callable_metric_is_used_like_a_registered_one(rng):
+    fixed, moving, _ = _affine_case(rng, (32, 32), np.array([0.0, 0.0, 0.0, 0.0, 2.0, -1.0]))
+    opts = optimize.RegisterOptions(transform="translation", deformable="disp", affine_levels=(2, 1),
+                                    affine_iterations=(20, 10), levels=(2, 1), iterations=(10, 5), tol=0.0)
+    by_name = optimize.register(fixed, moving, options=opts, metric="mse")
+    by_function = optimize.register(fixed, moving, options=opts, metric=losses.mse)
+    np.testing.assert_array_equal(by_function.disp, by_name.disp)
+    np.testing.assert_array_equal(by_function.history["disp@1"], by_name.history["disp@1"])
+
+    seen = []
+
+    def scaled_mse(fixed, warped, *, mask=None, scale=1.0):  # its options arrive as keywords, in both stages
+        seen.append(scale)
+        return scale * losses.mse(fixed, warped, mask=mask)
+
+    out = optimize.register(fixed, moving, options=opts, metric=scaled_mse, metric_options={"scale": 2.0})
+    assert seen and set(seen) == {2.0}
+    start = {k: float(r.history["translation@2"][0]) for k, r in (("out", out), ("by_name", by_name))}
+    assert start["out"] == pytest.approx(2.0 * start["by_name"], rel=1e-5)  # the same starting point, scaled
+    seen.clear()
+    optimize.register(fixed, moving, options=opts, metric="lncc", affine_metric=scaled_mse, deformable=None)
+    assert seen and set(seen) == {1.0}  # another parametric metric: its defaults, not the lncc options
 
 
 def test_affine_metric_options_none_means_unset_and_empty_means_none(rng, monkeypatch):
@@ -163,7 +296,7 @@ def test_affine_metric_options_none_means_unset_and_empty_means_none(rng, monkey
         assert seen == [expected, expected], (affine, seen)
     monkeypatch.undo()
     # end to end: a preset's deformable options (lncc window) no longer reach another parametric metric (TypeError)
-    out = optimize.register(img, img, **{**optimize.PRESETS["affine"], "affine_metric": "mi"}, affine_levels=(1,),
+    out = optimize.register(img, img, options=optimize.PRESETS["affine"], affine_metric="mi", affine_levels=(1,),
                             affine_iterations=(2,))
     assert np.isfinite(np.asarray(out.history["affine@1"])).all()
 
@@ -181,9 +314,10 @@ def test_fixed_mask_excludes_an_artefact(rng):
     fixed[4:20, 40:60] = 3.0  # not present in the moving image
     mask = np.ones(shape, np.float32)
     mask[2:22, 38:62] = 0.0
-    opts = dict(transform="translation", deformable=None, metric="mse", affine_levels=(2, 1), affine_iterations=(100, 60))
-    masked = optimize.register(fixed, moving, fixed_mask=mask, **opts)
-    plain = optimize.register(fixed, moving, **opts)
+    opts = optimize.RegisterOptions(transform="translation", deformable=None, metric="mse", affine_levels=(2, 1),
+                                    affine_iterations=(100, 60))
+    masked = optimize.register(fixed, moving, options=opts, fixed_mask=mask)
+    plain = optimize.register(fixed, moving, options=opts)
     err_masked = _interior_error(masked.disp, spatial.affine_to_disp(truth, shape), 8).max()
     err_plain = _interior_error(plain.disp, spatial.affine_to_disp(truth, shape), 8).max()
     assert err_masked < 0.5 < err_plain, (err_masked, err_plain)

@@ -84,7 +84,7 @@ def test_sharded_step_equals_single_device(setup):
     tx = training.make_optimizer("sgd", 0.5)
     step = training.make_train_step(voxelmorph.Loss(model, similarity="mse", reg_weight=0.05, dice_weight=1.0,
                                                     num_labels=4), tx)
-    out, first = [], []
+    out = []
     for devices in (jax.devices()[:1], jax.devices()[:2]):
         mesh = training.make_mesh(devices)
         state = _fresh(model, tx, mesh)
@@ -185,10 +185,15 @@ def test_resume_equals_uninterrupted_and_training_improves_dice(tmp_path):
     # a checkpoint of another architecture is refused with the parameter named, before anything is compiled
     other = tiny_config()
     other.model.encoder = (4, 4)
-    with pytest.raises(ValueError, match=r"does not fit the config's model: parameter .*dec0.* is \(3, 3, 8, 8\) in the checkpoint"):
+    with pytest.raises(ValueError, match=r"does not fit the config's model: parameter .*dec0.* is \(3, 3, 8, 8\) in"):
         voxelmorph.load(other, str(tmp_path / "long"), SHAPE)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         voxelmorph.load(tiny_config(), str(tmp_path / "nowhere"), SHAPE)
+    # resuming that workdir with another model fails the same way, and keeps the config of the run it holds
+    saved = (tmp_path / "long" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"does not fit the config's model: parameter .*dec0"):
+        voxelmorph.fit(other, str(tmp_path / "long"), progress=False)
+    assert (tmp_path / "long" / "config.json").read_text() == saved
 
 
 def test_loader_is_deterministic_and_resumable():

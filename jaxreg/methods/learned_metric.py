@@ -458,7 +458,7 @@ def evaluation(config, workdir) -> Evaluation:
     from jaxreg import optimize
 
     e = config.eval
-    base = {name: tuple(v) if isinstance(v, list) else v for name, v in e.register.items()}
+    base = dict(e.register)
     mi = {"bins": int(e.mi_bins)}
     n_train = int(config.data.num_train_pairs)
     run = {}

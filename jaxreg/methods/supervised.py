@@ -336,7 +336,6 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     (orbax) and ``workdir/metrics.jsonl`` (every ``train.log_every`` steps: loss, epe, grad_norm, steps_per_s).
     ``stop_at`` ends the run after that step (with a checkpoint), as an interruption would.
     """
-    training.save_config(config, workdir)
     pairs = prepare_training_pairs(config, cache=os.path.join(workdir, "train_pairs.npz"), progress=progress)
     ndim = pairs["fixed"].ndim - 1
     model = build_model(config, ndim)
@@ -347,7 +346,7 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
 
     return training.fit(workdir, model=model, loss=Loss(model), train=config.train, shape=_patch_shape(model, ndim),
                         batches=batches, key=jax.random.key(int(config.seed)), columns=("loss", "epe", "grad_norm"),
-                        stop_at=stop_at, progress=progress, postfix=("loss", "epe"))
+                        config=config, stop_at=stop_at, progress=progress, postfix=("loss", "epe"))
 
 
 def load(config, workdir, ndim: int, *, step: int | None = None):

@@ -201,7 +201,6 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     """
     dataset = make_dataset(config.data, split="train")
     loss = make_loss(config, len(dataset.shape))
-    training.save_config(config, workdir)
     t = config.train
 
     def batches(start, stop):
@@ -213,8 +212,8 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
             loader.close()
 
     return training.fit(workdir, model=loss.model, loss=loss, train=t, shape=dataset.shape, batches=batches,
-                        key=jax.random.key(config.seed), columns=LOG_COLUMNS, stop_at=stop_at, progress=progress,
-                        desc=f"train ({loss.objective})")
+                        key=jax.random.key(config.seed), columns=LOG_COLUMNS, config=config, stop_at=stop_at,
+                        progress=progress, desc=f"train ({loss.objective})")
 
 
 def load(config, workdir, shape, *, step: int | None = None):

@@ -135,7 +135,6 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
 
     dataset = datasets.from_config(config.data, split="train")  # validates files before any compilation
     loss = make_loss(config, dataset)
-    training.save_config(config, workdir)
     t = config.train
 
     def batches(start, stop):
@@ -152,7 +151,8 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
             loader.close()
 
     return training.fit(workdir, model=loss.model, loss=loss, train=t, shape=dataset.shape, batches=batches,
-                        key=jax.random.key(config.seed), columns=LOG_COLUMNS, stop_at=stop_at, progress=progress)
+                        key=jax.random.key(config.seed), columns=LOG_COLUMNS, config=config, stop_at=stop_at,
+                        progress=progress)
 
 
 def load(config, workdir, shape, *, step: int | None = None):

@@ -11,7 +11,8 @@ placed on the device once; no host work per step besides dispatch. Test pairs (`
     python train.py --config configs/mni_3d_augment.py --workdir runs/mni_3d_augment
     python evaluate.py --config configs/mni_3d_augment.py --workdir runs/mni_3d_augment
 
-Checked on 2 CPU cores with ``--config.train.steps=2``, then ``evaluate.py ... --num_pairs=1 --methods=network``
+Checked on 2 CPU cores with ``--config.train.steps=2``, then ``evaluate.py ... --config.eval.num_pairs=1
+--config.eval.methods="('network',)"``
 (both run; after 2 steps the network is still the identity, Dice 0.405 on that pair). The 3000 steps here are a
 GPU-sized run; accuracy after training with this config not yet measured.
 """

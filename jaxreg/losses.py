@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jaxreg import _validate
 from jaxreg.spatial import jacobian_determinant
@@ -113,7 +115,7 @@ def _box_count(shape, sizes, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- intensity terms
-def mse(fixed, warped, *, mask=None):
+def mse(fixed: ArrayLike, warped: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
     """Mean squared difference (SSD / number of voxels) between ``fixed`` and ``warped``, in intensity² units.
 
     Accepts ``(*spatial)`` or ``(*spatial, C)`` images; a ``(*spatial)`` mask then weights every channel.
@@ -122,8 +124,10 @@ def mse(fixed, warped, *, mask=None):
     return _wmean(jnp.square(fixed - warped), mask)
 
 
-def ncc(fixed, warped, *, mask=None, eps: float = 1e-8):
+def ncc(fixed: ArrayLike, warped: ArrayLike, *, mask: ArrayLike | None = None, eps: float = 1e-8) -> jax.Array:
     """Negative global normalised cross-correlation, ``-cov(f, w) / sqrt(var f * var w + eps)``, in [-1, 1].
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; returns a 0-d array.
 
     Means, covariance and variances are mask-weighted. ``eps`` (intensity⁴ units) keeps constant images finite
     (value 0, finite gradient).
@@ -134,8 +138,12 @@ def ncc(fixed, warped, *, mask=None, eps: float = 1e-8):
     return -cov / jnp.sqrt(vf * vw + eps)
 
 
-def local_ncc(fixed, warped, *, window=9, mask=None, eps: float = 1e-5):
+def local_ncc(fixed: ArrayLike, warped: ArrayLike, *, window: int | Sequence[int] = 9, mask: ArrayLike | None = None,
+              eps: float = 1e-5) -> jax.Array:
     """Negative mean squared local NCC over cubic windows (VoxelMorph's definition), in [-1, 0].
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; returns a 0-d array.
+    ``window`` is in voxels.
 
     Per voxel, with sums over the ``window`` box (an odd int or one per axis) around it:
     ``cc = cross² / (var_f * var_w + eps)``, ``cross = Σfw - ΣfΣw/n``, ``var_f = Σf² - (Σf)²/n``; the loss is
@@ -227,10 +235,13 @@ def _entropy(p):
     return -jnp.sum(jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1)), 0))
 
 
-def mutual_information(fixed, warped, *, bins: int = 32, sigma: float | None = None, kernel: str = "bspline",
-                       mask=None, normalized: bool = False, fixed_range=None, warped_range=None,
-                       chunk_size: int = 65536):
+def mutual_information(fixed: ArrayLike, warped: ArrayLike, *, bins: int = 32, sigma: float | None = None,
+                       kernel: str = "bspline", mask: ArrayLike | None = None, normalized: bool = False,
+                       fixed_range: tuple[float, float] | None = None,
+                       warped_range: tuple[float, float] | None = None, chunk_size: int = 65536) -> jax.Array:
     """Negative Parzen-window mutual information ``-(H(F) + H(W) - H(F, W))`` in nats (``-NMI`` if ``normalized``).
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; returns a 0-d array.
 
     Each image is mapped linearly to bin coordinates 0..bins-1 by its min and max (within the mask if given, under
     ``stop_gradient``) or by an explicit ``fixed_range``/``warped_range`` = (lo, hi) (values outside are put in the end
@@ -262,9 +273,16 @@ def mutual_information(fixed, warped, *, bins: int = 32, sigma: float | None = N
     return -(h_f + h_w - h_fw)
 
 
-def nmi(fixed, warped, **options):
-    """Negative normalised mutual information ``-(H(F) + H(W)) / H(F, W)``; options as ``mutual_information``."""
-    return mutual_information(fixed, warped, normalized=True, **options)
+def nmi(fixed: ArrayLike, warped: ArrayLike, *, bins: int = 32, sigma: float | None = None, kernel: str = "bspline",
+        mask: ArrayLike | None = None, fixed_range: tuple[float, float] | None = None,
+        warped_range: tuple[float, float] | None = None, chunk_size: int = 65536) -> jax.Array:
+    """Negative normalised mutual information ``-(H(F) + H(W)) / H(F, W)``, in [-2, -1]; a 0-d array.
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; the options are
+    ``mutual_information``'s.
+    """
+    return mutual_information(fixed, warped, normalized=True, bins=bins, sigma=sigma, kernel=kernel, mask=mask,
+                              fixed_range=fixed_range, warped_range=warped_range, chunk_size=chunk_size)
 
 
 # ------------------------------------------------------------------------------------------------ MIND and NGF
@@ -289,7 +307,7 @@ def _shift_edge(x, axis: int, step: int):
     return jnp.concatenate(parts, axis=axis)
 
 
-def mind_ssc(image, *, radius: int = 1, dilation: int = 2, eps: float = 1e-6):
+def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> jax.Array:
     """MIND-SSC descriptor (Heinrich et al., MICCAI 2013): ``(*spatial, 12)`` in 3-D, ``(*spatial, 4)`` in 2-D.
 
     The neighbourhood is the 2*ndim offsets ``±dilation`` voxels along each axis. For every pair of neighbours
@@ -317,15 +335,22 @@ def mind_ssc(image, *, radius: int = 1, dilation: int = 2, eps: float = 1e-6):
     return jnp.exp(-(d - jnp.min(d, axis=-1, keepdims=True)) / v)
 
 
-def mind_loss(fixed, warped, *, mask=None, radius: int = 1, dilation: int = 2, eps: float = 1e-6):
-    """Mean squared difference of MIND-SSC descriptors (averaged over the descriptor channels and masked voxels)."""
+def mind_loss(fixed: ArrayLike, warped: ArrayLike, *, mask: ArrayLike | None = None, radius: int = 1,
+              dilation: int = 2, eps: float = 1e-6) -> jax.Array:
+    """Mean squared difference of MIND-SSC descriptors (averaged over the descriptor channels and masked voxels).
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; returns a 0-d array
+    in [0, 1]. ``radius`` and ``dilation`` (voxels) are ``mind_ssc``'s.
+    """
     f, w, mask = _images(fixed, warped, mask)
     opts = dict(radius=radius, dilation=dilation, eps=eps)
     return _wmean(jnp.mean(jnp.square(mind_ssc(f, **opts) - mind_ssc(w, **opts)), axis=-1), mask)
 
 
-def ngf(fixed, warped, *, eps: float = 1e-3, mask=None):
+def ngf(fixed: ArrayLike, warped: ArrayLike, *, eps: float = 1e-3, mask: ArrayLike | None = None) -> jax.Array:
     """Normalised gradient fields (Haber & Modersitzki 2006): ``1 - mean((∇f·∇w)² / (|∇f|²_eps |∇w|²_eps))``.
+
+    ``fixed``, ``warped``: ``(*spatial)`` float (2-D or 3-D), ``mask``: ``(*spatial)`` weights; returns a 0-d array.
 
     ``|∇f|²_eps = |∇f|² + eps²``; gradients are ``jnp.gradient`` (central inside, one-sided at the borders), in
     intensity per voxel, so ``eps`` is in those units (the edge level below which gradients count as noise). The
@@ -339,7 +364,8 @@ def ngf(fixed, warped, *, eps: float = 1e-3, mask=None):
     return 1 - _wmean(dot * dot / (nf * nw), mask)
 
 
-def dice_loss(fixed_onehot, warped_onehot, *, mask=None, eps: float = 1e-5):
+def dice_loss(fixed_onehot: ArrayLike, warped_onehot: ArrayLike, *, mask: ArrayLike | None = None,
+              eps: float = 1e-5) -> jax.Array:
     """Soft Dice loss on one-hot (or probabilistic) label maps ``(*spatial, K)``: ``1 - mean_k Dice_k``.
 
     ``Dice_k = (2 Σ m f_k w_k + eps) / (Σ m f_k + Σ m w_k + eps)``, sums over voxels weighted by ``mask``: a label
@@ -375,7 +401,7 @@ def _checked_field(u, min_size: int):
     return u
 
 
-def diffusion(u):
+def diffusion(u: ArrayLike) -> jax.Array:
     """Diffusion energy ``Σ_axes mean (Σ_components (u[x + e_a] - u[x])²)``: forward differences, valid region.
 
     ``u``: ``(*spatial, ndim)`` in voxels. Each axis's squared forward differences are averaged over the voxels where
@@ -385,7 +411,7 @@ def diffusion(u):
     return sum(jnp.mean(jnp.sum(jnp.square(jnp.diff(u, axis=a)), axis=-1)) for a in range(u.ndim - 1))
 
 
-def bending_energy(u):
+def bending_energy(u: ArrayLike) -> jax.Array:
     """Bending energy ``mean Σ_c (Σ_a (∂²u_c/∂a²)² + 2 Σ_{a<b} (∂²u_c/∂a∂b)²)`` over interior voxels.
 
     ``u``: ``(*spatial, ndim)`` in voxels; second derivatives are central differences (``u[x+e] - 2u[x] + u[x-e]``
@@ -410,7 +436,7 @@ def bending_energy(u):
     return jnp.mean(total)
 
 
-def folding(u):
+def folding(u: ArrayLike) -> jax.Array:
     """Folding penalty ``mean(relu(-det J))`` with ``J`` the Jacobian of ``x -> x + u(x)``
     (``jaxreg.spatial.jacobian_determinant``); ``u``: ``(*spatial, ndim)`` in voxels. 0 for a fold-free field."""
     u = _checked_field(u, 2)

@@ -1,7 +1,8 @@
 """Evaluation measures for registration results, computed on the host with NumPy in float64.
 
-This module depends on NumPy and ``scipy.ndimage`` only (no JAX, nothing else from jaxreg); pass it
-``np.asarray(...)`` of device arrays.
+This module depends on NumPy and ``scipy.ndimage`` only (no JAX, nothing else from jaxreg). Inputs are anything
+``np.asarray`` takes (``numpy.typing.ArrayLike``), device arrays included: they are copied to the host. These are
+not traceable functions: call them outside ``jit`` and loop over a batch in Python.
 
 Inputs
     Label maps: arrays of shape ``(*spatial)`` with 2 or 3 spatial axes, integer or bool dtype (a floating-point
@@ -34,6 +35,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 __all__ = [
@@ -119,7 +121,7 @@ def _overlap(a, b, labels, kind: str) -> dict[int, float]:
     return out
 
 
-def dice(a, b, *, labels: Iterable[int] | None = None) -> dict[int, float]:
+def dice(a: npt.ArrayLike, b: npt.ArrayLike, *, labels: Iterable[int] | None = None) -> dict[int, float]:
     """Dice overlap ``2|A∩B| / (|A|+|B|)`` per label, in [0, 1].
 
     ``a``, ``b``: label maps of one shape ``(*spatial)``. Returns ``{label: dice}``; NaN for a label absent from
@@ -128,8 +130,11 @@ def dice(a, b, *, labels: Iterable[int] | None = None) -> dict[int, float]:
     return _overlap(a, b, labels, "dice")
 
 
-def jaccard(a, b, *, labels: Iterable[int] | None = None) -> dict[int, float]:
-    """Jaccard index ``|A∩B| / |A∪B|`` per label, in [0, 1]; same conventions as :func:`dice`."""
+def jaccard(a: npt.ArrayLike, b: npt.ArrayLike, *, labels: Iterable[int] | None = None) -> dict[int, float]:
+    """Jaccard index ``|A∩B| / |A∪B|`` per label, in [0, 1]; same conventions as :func:`dice`.
+
+    ``a``, ``b``: label maps of one shape ``(*spatial)``. Returns ``{label: jaccard}``.
+    """
     return _overlap(a, b, labels, "jaccard")
 
 
@@ -139,7 +144,8 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def surface_distances(mask_a, mask_b, *, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(mask_a: npt.ArrayLike, mask_b: npt.ArrayLike, *,
+                      spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances in mm between two non-empty binary masks of one shape ``(*spatial)``.
 
     Returns ``(d_ab, d_ba)``, float64 vectors: ``d_ab[i]`` is the distance from the i-th boundary voxel of
@@ -178,7 +184,8 @@ def _per_label_surface(a, b, labels, spacing, reduce) -> dict[int, float]:
 
 
 def hausdorff(
-    a, b, *, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None, percentile: float = 100.0
+    a: npt.ArrayLike, b: npt.ArrayLike, *, labels: Iterable[int] | None = None,
+    spacing: Sequence[float] | None = None, percentile: float = 100.0
 ) -> dict[int, float]:
     """Symmetric Hausdorff distance in mm per label: max of the two directed ``percentile``-th percentiles.
 
@@ -192,13 +199,20 @@ def hausdorff(
     )
 
 
-def hd95(a, b, *, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None) -> dict[int, float]:
-    """95th-percentile symmetric Hausdorff distance in mm per label (see :func:`hausdorff` and the module notes)."""
+def hd95(a: npt.ArrayLike, b: npt.ArrayLike, *, labels: Iterable[int] | None = None,
+         spacing: Sequence[float] | None = None) -> dict[int, float]:
+    """95th-percentile symmetric Hausdorff distance in mm per label (see :func:`hausdorff` and the module notes).
+
+    ``a``, ``b``: label maps of one shape ``(*spatial)``; ``spacing`` in mm per axis. Returns ``{label: hd95}``.
+    """
     return hausdorff(a, b, labels=labels, spacing=spacing, percentile=95.0)
 
 
-def assd(a, b, *, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None) -> dict[int, float]:
+def assd(a: npt.ArrayLike, b: npt.ArrayLike, *, labels: Iterable[int] | None = None,
+         spacing: Sequence[float] | None = None) -> dict[int, float]:
     """Average symmetric surface distance in mm per label: mean over the union of both directed distance sets.
+
+    ``a``, ``b``: label maps of one shape ``(*spatial)``; ``spacing`` in mm per axis. Returns ``{label: assd}``.
 
     NaN for a label absent from both maps, +inf if absent from one.
     """
@@ -206,7 +220,8 @@ def assd(a, b, *, labels: Iterable[int] | None = None, spacing: Sequence[float] 
 
 
 # ----------------------------------------------------------------------------------------------- landmarks
-def tre(fixed_points, warped_points, *, spacing: Sequence[float] | None = None) -> np.ndarray:
+def tre(fixed_points: npt.ArrayLike, warped_points: npt.ArrayLike, *,
+        spacing: Sequence[float] | None = None) -> np.ndarray:
     """Target registration error: per-landmark Euclidean distance in mm, float64 of shape ``(N,)``.
 
     ``fixed_points`` and ``warped_points``: ``(N, ndim)`` voxel coordinates on one grid of voxel size ``spacing``
@@ -226,8 +241,9 @@ def tre(fixed_points, warped_points, *, spacing: Sequence[float] | None = None) 
     return np.sqrt((((p - q) * s.reshape(1, -1)) ** 2).sum(axis=1))
 
 
-def mean_tre(fixed_points, warped_points, *, spacing: Sequence[float] | None = None) -> float:
-    """Mean of :func:`tre` over the landmarks, in mm."""
+def mean_tre(fixed_points: npt.ArrayLike, warped_points: npt.ArrayLike, *,
+             spacing: Sequence[float] | None = None) -> float:
+    """Mean of :func:`tre` over the landmarks, in mm; points ``(N, ndim)`` in voxels, ``spacing`` in mm per axis."""
     return float(tre(fixed_points, warped_points, spacing=spacing).mean())
 
 
@@ -243,7 +259,7 @@ def _jac(jac_det, mask) -> np.ndarray:
     return j.ravel() if m is None else j[m]
 
 
-def folding_fraction(jac_det, *, mask=None) -> float:
+def folding_fraction(jac_det: npt.ArrayLike, *, mask: npt.ArrayLike | None = None) -> float:
     """Fraction (in [0, 1], not %) of voxels whose Jacobian determinant is <= 0.
 
     ``jac_det``: determinant map ``(*spatial)`` (e.g. from ``jaxreg.spatial``); ``mask``: optional bool map of the
@@ -253,8 +269,11 @@ def folding_fraction(jac_det, *, mask=None) -> float:
     return float((j <= 0).mean())
 
 
-def sd_log_jacobian(jac_det, *, mask=None, eps: float = LOG_JAC_EPS) -> float:
+def sd_log_jacobian(jac_det: npt.ArrayLike, *, mask: npt.ArrayLike | None = None, eps: float = LOG_JAC_EPS) -> float:
     """Standard deviation (ddof=0) of ``log(max(det, eps))`` over the voxels (or the ``mask``), unitless.
+
+    ``jac_det``: determinant map ``(*spatial)`` (``jaxreg.spatial.jacobian_determinant``); ``mask``: optional bool
+    map of the same shape.
 
     Determinants are clipped below at ``eps`` (default 1e-9, Learn2Reg's lower clip) so folded voxels count as
     a very large negative log instead of NaN. Note: the Learn2Reg evaluation script we read

@@ -18,20 +18,26 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
+from jax.typing import ArrayLike, DTypeLike
 
 from jaxreg import _validate
 
 MODES = ("constant", "nearest")
 
 
-def identity_grid(shape, *, dtype=jnp.float32) -> jax.Array:
-    """Voxel index coordinates of a grid: array ``(*shape, ndim)`` with ``grid[x] = x``."""
+def identity_grid(shape: Sequence[int], *, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """Voxel index coordinates of a grid: array ``(*shape, ndim)`` of ``dtype`` with ``grid[x] = x``.
+
+    ``shape`` is the grid's spatial shape (``ndim = len(shape)`` entries). ``identity_grid(S) + u`` are the positions
+    ``x + u(x)`` that ``warp`` samples: ``sample(image, identity_grid(S) + u)`` equals ``warp(image, u)``.
+    """
     axes = [jnp.arange(s, dtype=dtype) for s in shape]
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
@@ -239,11 +245,14 @@ def _check_image(image, ndim, order, mode):
     return image
 
 
-def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
-    """Sample ``image`` ``(*S)`` or ``(*S, C)`` at voxel coordinates ``coords`` ``(*out, ndim)``.
+def sample(image: ArrayLike, coords: ArrayLike, *, order: int = 1, mode: str = "constant",
+           cval: float = 0.0) -> jax.Array:
+    """Sample ``image`` ``(*S)`` or ``(*S, C)`` at absolute voxel coordinates ``coords`` ``(*out, ndim)``.
 
+    ``coords[..., d]`` is an index along array axis ``d`` of the image (not a displacement: ``warp`` takes those).
     Returns ``(*out)`` or ``(*out, C)`` in the image's dtype. ``order`` 1 is linear (differentiable w.r.t. both the
-    image and the coordinates), 0 is nearest neighbour (no gradient w.r.t. the coordinates).
+    image and the coordinates), 0 is nearest neighbour (no gradient w.r.t. the coordinates). ``mode`` and ``cval``
+    set the values outside the image (module docstring).
     """
     coords = _validate.floating(coords, "coords")
     if coords.ndim < 2 or coords.shape[-1] not in (2, 3):
@@ -253,7 +262,8 @@ def sample(image, coords, *, order: int = 1, mode: str = "constant", cval: float
     return _sample(image, coords.astype(image.dtype), False, order, mode, cval)
 
 
-def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0.0) -> jax.Array:
+def warp(image: ArrayLike, disp: ArrayLike, *, order: int = 1, mode: str = "constant",
+         cval: float = 0.0) -> jax.Array:
     """Pull-resample ``image`` through the displacement ``disp``: ``out[x] = image[x + disp(x)]``.
 
     Args:
@@ -261,6 +271,7 @@ def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0
       disp: ``(*out, ndim)`` displacement in voxels, defined on the output (fixed) grid.
       order: 1 linear (default), 0 nearest neighbour.
       mode: ``"constant"`` (outside is ``cval``) or ``"nearest"`` (border value).
+      cval: the value outside the image for ``mode="constant"``, in image intensity units.
     Returns:
       ``(*out)`` or ``(*out, C)``, the image's dtype.
     """
@@ -270,8 +281,9 @@ def warp(image, disp, *, order: int = 1, mode: str = "constant", cval: float = 0
     return _sample(image, disp.astype(image.dtype), True, order, mode, cval)
 
 
-def warp_labels(labels, disp, *, num_labels: int | None = None) -> jax.Array:
-    """Warp an integer label map ``(*S)`` through ``disp`` ``(*out, ndim)``; returns int32 ``(*out)``.
+def warp_labels(labels: ArrayLike, disp: ArrayLike, *, num_labels: int | None = None) -> jax.Array:
+    """Pull an integer label map ``(*S)`` through ``disp`` ``(*out, ndim)`` (voxels, ``out[x] = labels[x + disp(x)]``);
+    returns int32 ``(*out)``.
 
     With ``num_labels=None`` labels are sampled by nearest neighbour (outside: 0). With ``num_labels=K`` the one-hot
     encoding is warped linearly and the arg-max taken (smoother boundaries; labels must lie in ``[0, K)``). For soft
@@ -303,7 +315,7 @@ def _affine_field(matrix, shape, u):
     return jnp.stack([sum(matrix[k, j] * p[j] for j in range(ndim)) + matrix[k, ndim] - x[k] for k in range(ndim)], -1)
 
 
-def affine_to_disp(matrix, shape) -> jax.Array:
+def affine_to_disp(matrix: ArrayLike, shape: Sequence[int]) -> jax.Array:
     """Dense displacement ``(*shape, ndim)`` of a homogeneous matrix acting about the grid centre.
 
     ``matrix`` is ``(ndim+1, ndim+1)`` (or ``(ndim, ndim+1)``) in voxel units and maps output (fixed) voxel
@@ -313,15 +325,19 @@ def affine_to_disp(matrix, shape) -> jax.Array:
     return _affine_field(matrix, tuple(shape), None)
 
 
-def compose_affine(matrix, u) -> jax.Array:
+def compose_affine(matrix: ArrayLike, u: ArrayLike) -> jax.Array:
     """Displacement ``(*S, ndim)`` of "first ``u``, then the matrix": ``x ↦ A (x + u(x) - c) + t + c`` with
     ``affine_to_disp``'s convention, i.e. ``affine_to_disp(matrix, S) + A u(x)`` (exact, unlike ``compose`` of the
-    affine's field)."""
+    affine's field).
+
+    ``matrix``: ``(ndim+1, ndim+1)`` or ``(ndim, ndim+1)`` in voxels about the centre ``c = (S - 1) / 2``;
+    ``u``: ``(*S, ndim)`` in voxels of the fixed grid ``S``.
+    """
     u = _validate.field(u, "u")
     return _affine_field(matrix, u.shape[:-1], u)
 
 
-def compose(u, v, *, mode: str = "nearest") -> jax.Array:
+def compose(u: ArrayLike, v: ArrayLike, *, mode: str = "nearest") -> jax.Array:
     """Field of "first ``v``, then ``u``": ``w(x) = v(x) + u(x + v(x))`` (all ``(*spatial, ndim)``, voxels).
 
     With pulling warps, ``warp(image, compose(u, v)) ≈ warp(warp(image, u), v)``: the point map is
@@ -333,8 +349,10 @@ def compose(u, v, *, mode: str = "nearest") -> jax.Array:
     return v + warp(u, v, mode=mode)
 
 
-def integrate_velocity(velocity, *, steps: int = 7) -> jax.Array:
+def integrate_velocity(velocity: ArrayLike, *, steps: int = 7) -> jax.Array:
     """Exponentiate a stationary velocity field by scaling and squaring: ``u = exp(v)``, ``(*spatial, ndim)``.
+
+    ``velocity`` and the returned displacement are ``(*spatial, ndim)`` in voxels, pull convention (``warp(m, u)``).
 
     ``v / 2**steps`` is composed with itself ``steps`` times. For smooth ``v`` the result is diffeomorphic
     (positive Jacobian). ``steps=0`` returns ``v``.
@@ -351,8 +369,9 @@ def integrate_velocity(velocity, *, steps: int = 7) -> jax.Array:
     return disp
 
 
-def resize_disp(disp, shape) -> jax.Array:
-    """Resample a field ``(*S, ndim)`` to grid ``shape`` (same extent, centres aligned) and rescale its vectors.
+def resize_disp(disp: ArrayLike, shape: Sequence[int]) -> jax.Array:
+    """Resample a field ``(*S, ndim)`` to grid ``shape`` (same extent, centres aligned) and rescale its vectors:
+    returns ``(*shape, ndim)``.
 
     Component ``d`` is multiplied by ``shape[d] / S[d]`` so that it stays in voxels of the new grid.
     """
@@ -367,8 +386,9 @@ def resize_disp(disp, shape) -> jax.Array:
     return jax.image.resize(disp, (*shape, ndim), method="linear", antialias=False) * scale
 
 
-def jacobian_determinant(disp) -> jax.Array:
-    """Determinant of the Jacobian of ``x ↦ x + disp(x)``: ``(*spatial)``, same dtype.
+def jacobian_determinant(disp: ArrayLike) -> jax.Array:
+    """Determinant of the Jacobian of ``x ↦ x + disp(x)`` for ``disp`` ``(*spatial, ndim)`` in voxels: ``(*spatial)``,
+    same dtype (unitless; 1 where the map preserves volume, > 1 where it expands).
 
     Derivatives are central differences inside and one-sided at the borders (``jnp.gradient``). Values ``<= 0``
     mark folding.
@@ -395,8 +415,12 @@ def gaussian_kernel(sigma: float, *, truncate: float = 4.0, dtype=np.float32) ->
     return (k / k.sum()).astype(dtype)
 
 
-def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 4.0) -> jax.Array:
+def gaussian_smooth(image: ArrayLike, sigma: float | Sequence[float], *, ndim: int | None = None,
+                    truncate: float = 4.0) -> jax.Array:
     """Separable Gaussian filter of ``image`` over its first ``ndim`` axes (default: all), sigma in voxels.
+
+    ``image``: ``(*spatial, ...)`` float, e.g. ``(*spatial)``, ``(*spatial, C)`` or a field ``(*spatial, ndim)``
+    with ``ndim=len(spatial)``; returns the same shape and dtype. ``truncate``: kernel radius in sigmas.
 
     ``sigma`` is a float or one per spatial axis (0 skips an axis). Borders are reflected (SciPy's
     ``mode="reflect"``), so this equals ``scipy.ndimage.gaussian_filter`` on the spatial axes.
@@ -430,13 +454,18 @@ def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 
     return out
 
 
-def level_shape(shape, factor: int):
-    """Grid shape at downsampling ``factor``: ``ceil(S / factor)`` per axis (at least 1)."""
+def level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """Grid shape at downsampling ``factor``: ``ceil(S / factor)`` per axis (at least 1), for a grid ``shape`` S."""
     return tuple(max(1, math.ceil(s / factor)) for s in shape)
 
 
-def downsample(image, factor: int, *, ndim: int | None = None) -> jax.Array:
-    """Smooth (sigma = factor/2 voxels) and resample ``image`` to ``level_shape(S, factor)`` (centres aligned)."""
+def downsample(image: ArrayLike, factor: int, *, ndim: int | None = None) -> jax.Array:
+    """Smooth (sigma = factor/2 voxels) and resample ``image`` to ``level_shape(S, factor)`` (centres aligned).
+
+    ``image``: ``(*S, ...)`` float; the first ``ndim`` axes (default: all) are the spatial axes ``S``. Returns
+    ``(*level_shape(S, factor), ...)``, same dtype. Intensities are resampled, not rescaled: to carry a displacement
+    field to the coarser grid use ``resize_disp``, which also rescales its vectors.
+    """
     image = _validate.floating(image, "image")
     ndim = image.ndim if ndim is None else ndim
     if factor == 1:
@@ -446,6 +475,7 @@ def downsample(image, factor: int, *, ndim: int | None = None) -> jax.Array:
     return jax.image.resize(smoothed, shape, method="linear", antialias=False)
 
 
-def pyramid(image, factors=(4, 2, 1), *, ndim: int | None = None) -> list[jax.Array]:
-    """Images downsampled by each factor (coarse to fine, as given); factor 1 is the image itself."""
+def pyramid(image: ArrayLike, *, factors: Sequence[int] = (4, 2, 1), ndim: int | None = None) -> list[jax.Array]:
+    """``image`` ``(*S, ...)`` downsampled by each of ``factors`` (coarse to fine, as given): a list of arrays
+    ``(*level_shape(S, f), ...)``; factor 1 is the image itself. See ``downsample``."""
     return [downsample(image, f, ndim=ndim) for f in factors]

@@ -14,10 +14,12 @@ vectors are zero at the identity, so an optimiser can start from zeros. Angles a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxreg import _validate
 from jaxreg.spatial import warp
@@ -44,15 +46,22 @@ def _rotation(angles, ndim):
     return mats[2] @ mats[1] @ mats[0]
 
 
-def translation(params):
-    """``(ndim,)`` translation in voxels → matrix."""
+def translation(params: ArrayLike) -> jax.Array:
+    """Translation ``params`` ``(ndim,)`` in voxels → homogeneous matrix ``(ndim+1, ndim+1)``.
+
+    The matrix maps fixed-grid voxel positions to moving ones, ``y = x + t`` (module docstring).
+    """
     params = _validate.floating(params, "params")
     ndim = params.shape[0]
     return _homogeneous(jnp.eye(ndim, dtype=params.dtype), params)
 
 
-def rigid(params):
-    """Rotation (1 angle in 2-D, 3 Euler angles in 3-D, radians) then translation → matrix."""
+def rigid(params: ArrayLike) -> jax.Array:
+    """Rotation then translation → homogeneous matrix ``(ndim+1, ndim+1)`` acting about the grid centre.
+
+    ``params``: ``(3,)`` in 2-D ``(angle, t0, t1)`` or ``(6,)`` in 3-D ``(angle0, angle1, angle2, t0, t1, t2)``;
+    angles in radians (3-D: rotations about array axes 0, 1, 2 applied in that order), translations in voxels.
+    """
     params = _validate.floating(params, "params")
     ndim = {3: 2, 6: 3}.get(params.shape[0])
     if ndim is None:
@@ -61,8 +70,11 @@ def rigid(params):
     return _homogeneous(_rotation(params[:n_ang], ndim), params[n_ang:])
 
 
-def similarity(params):
-    """Rigid parameters followed by a log isotropic scale → matrix."""
+def similarity(params: ArrayLike) -> jax.Array:
+    """Rigid parameters followed by a log isotropic scale → homogeneous matrix ``(ndim+1, ndim+1)``.
+
+    ``params``: ``(4,)`` in 2-D, ``(7,)`` in 3-D (``rigid``'s then ``log_scale``; scale ``exp(log_scale)``, 1 at 0).
+    """
     params = _validate.floating(params, "params")
     if params.shape[0] not in (4, 7):
         raise ValueError(f"similarity params must have 4 (2-D) or 7 (3-D) entries, got shape {params.shape}")
@@ -72,8 +84,11 @@ def similarity(params):
     return m.at[:ndim, :ndim].multiply(scale)
 
 
-def affine(params):
-    """``(A - I).ravel()`` followed by the translation → matrix (6 entries in 2-D, 12 in 3-D)."""
+def affine(params: ArrayLike) -> jax.Array:
+    """``(A - I).ravel()`` followed by the translation (voxels) → homogeneous matrix ``(ndim+1, ndim+1)``.
+
+    ``params``: ``(6,)`` in 2-D, ``(12,)`` in 3-D; the matrix maps fixed voxel ``x`` to ``A (x - c) + t + c``.
+    """
     params = _validate.floating(params, "params")
     ndim = {6: 2, 12: 3}.get(params.shape[0])
     if ndim is None:
@@ -98,20 +113,24 @@ def num_params(name: str, ndim: int) -> int:
     return PARAMETRIC[name][1][ndim]
 
 
-def to_matrix(name: str, params):
-    """Matrix of the named parametric transform (see the table above)."""
+def to_matrix(name: str, params: ArrayLike) -> jax.Array:
+    """Homogeneous matrix ``(ndim+1, ndim+1)`` of the parametric transform ``name`` (a key of ``PARAMETRIC``).
+
+    ``params`` has shape ``(num_params(name, ndim),)`` (the table in the module docstring); zeros give the identity.
+    """
     if name not in PARAMETRIC:
         raise ValueError(f"unknown transform {name!r}; choose from {sorted(PARAMETRIC)}")
     return PARAMETRIC[name][0](params)
 
 
-def invert_matrix(matrix):
-    """Inverse of a homogeneous matrix (maps moving positions back to fixed ones, same centre convention)."""
+def invert_matrix(matrix: ArrayLike) -> jax.Array:
+    """Inverse of a homogeneous matrix ``(ndim+1, ndim+1)``: it maps moving voxel positions back to fixed ones, with
+    the same centre convention (so ``affine_to_disp(invert_matrix(M), shape)`` pulls the other way)."""
     return jnp.linalg.inv(_validate.floating(matrix, "matrix"))
 
 
 # ------------------------------------------------------------------------------------------- B-spline free-form
-def bspline_grid_shape(shape, spacing) -> tuple[int, ...]:
+def bspline_grid_shape(shape: Sequence[int], spacing: float | Sequence[float]) -> tuple[int, ...]:
     """Control-grid shape for an image ``shape`` with control points every ``spacing`` voxels.
 
     Control point ``j`` sits at voxel ``(j - 1) * spacing``: one point before the first voxel and enough after the
@@ -133,13 +152,14 @@ def _bspline_matrix(size, grid_size, n_ctrl, spacing, dtype):
     return jnp.asarray(w, dtype)
 
 
-def bspline_to_disp(control, shape, spacing, *, grid_shape=None):
+def bspline_to_disp(control: ArrayLike, shape: Sequence[int], spacing: float | Sequence[float], *,
+                    grid_shape: Sequence[int] | None = None) -> jax.Array:
     """Dense displacement ``(*shape, ndim)`` of a cubic B-spline control grid ``(*bspline_grid_shape, ndim)``.
 
     The control grid is laid on the reference grid ``grid_shape`` (default ``shape``) with points every ``spacing``
     voxels, coefficients in reference voxels. The field is evaluated on ``shape``, a grid of the same extent (e.g. a
     pyramid level), and returned in that grid's voxels. One small matrix product per axis: cheap and exactly
-    differentiable.
+    differentiable. The field pulls like any displacement: ``warp(moving, bspline_to_disp(...))``.
     """
     control = _validate.field(control, "control")
     ndim = control.shape[-1]
@@ -158,7 +178,7 @@ def bspline_to_disp(control, shape, spacing, *, grid_shape=None):
 
 
 # -------------------------------------------------------------------------------------------------------- inverse
-def invert_disp(disp, *, iterations: int = 30):
+def invert_disp(disp: ArrayLike, *, iterations: int = 30) -> jax.Array:
     """Approximate inverse field by fixed-point iteration ``v(x) = -u(x + v(x))``, ``(*spatial, ndim)`` voxels.
 
     Converges for fields whose Jacobian stays well away from zero (``|∇u| < 1``); then
@@ -173,12 +193,14 @@ def invert_disp(disp, *, iterations: int = 30):
     return v
 
 
-def matrix_about_centre_to_world(matrix, shape, fixed_affine, moving_affine):
-    """World (mm) 4×4 matrix mapping fixed world points to moving world points, from a voxel matrix.
+def matrix_about_centre_to_world(matrix: ArrayLike, shape: Sequence[int], fixed_affine: ArrayLike,
+                                 moving_affine: ArrayLike) -> np.ndarray:
+    """World (mm) ``(4, 4)`` float64 matrix mapping fixed world points to moving world points, from a voxel matrix.
 
-    ``matrix`` acts about the grid centre (see module docstring) on voxel indices of a 3-D grid ``shape`` shared
-    by fixed and moving (the moving image has been resampled to the fixed grid). With voxel-to-world ``fixed_affine``
-    and ``moving_affine`` (4×4, NumPy), returns ``moving_affine @ T_vox @ inv(fixed_affine)``.
+    ``matrix`` ``(ndim+1, ndim+1)`` acts about the grid centre (see module docstring) on voxel indices of the grid
+    ``shape`` (2-D or 3-D) shared by fixed and moving (the moving image has been resampled to the fixed grid); a 2-D
+    matrix is embedded in 3-D. With voxel-to-world ``fixed_affine`` and ``moving_affine`` ``(4, 4)`` (mm per voxel,
+    as in NIfTI), returns ``moving_affine @ T_vox @ inv(fixed_affine)``, computed on the host in NumPy.
     """
     m = np.asarray(matrix, np.float64)
     ndim = m.shape[0] - 1

@@ -1,14 +1,16 @@
 """Tests for jaxreg.metrics: hand-computed overlaps and distances, brute-force surface-distance references,
-empty-label conventions, TRE, Jacobian statistics, tables and atomic writes."""
+empty-label conventions, TRE, Jacobian statistics, device arrays and batches, tables and atomic writes."""
 import csv
 import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreg import evaluation, metrics
+from jaxreg import evaluation, metrics, spatial
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -218,6 +220,49 @@ def test_sd_log_jacobian_by_hand():
     assert metrics.sd_log_jacobian(jac2, mask=np.array([[True, False]])) == 0.0
     with pytest.raises(ValueError, match="jac_det"):
         metrics.sd_log_jacobian(np.ones((2, 2), dtype=np.int32))
+
+
+# ----------------------------------------------------------------------------------------------- device arrays, batches
+# The measures are host NumPy functions (no jit/vmap): they must take JAX device arrays as they come out of a
+# registration, and a batch is a Python loop over items that gives exactly the per-item results.
+def test_label_measures_take_device_arrays_and_batches_loop(rng):
+    a = np.stack([_random_2d(rng) for _ in range(3)])  # (B, 13, 17) int64
+    b = np.stack([_random_2d(rng) for _ in range(3)])
+    a_dev, b_dev = jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)
+    for fn, opts in [(metrics.dice, {}), (metrics.jaccard, {"labels": [1, 2, 3, 9]}),
+                     (metrics.hd95, {"spacing": (1.5, 0.7)}), (metrics.assd, {"spacing": (1.5, 0.7)}),
+                     (metrics.hausdorff, {"percentile": 90.0})]:
+        batch = [fn(x, y, **opts) for x, y in zip(a_dev, b_dev)]  # slices of a device batch
+        np.testing.assert_equal(batch, [fn(a[i], b[i], **opts) for i in range(3)])
+    # 3-D, as a registration produces them: a nearest-neighbour warp (int32 device array) against the fixed map.
+    cubes, shifted = _offset_cubes()  # (16, 16, 16)
+    disp = jnp.zeros((16, 16, 16, 3)).at[..., 0].set(2.0)  # warped[x] = shifted[x + 2 e0] = cubes[x]
+    warped = spatial.warp_labels(jnp.asarray(shifted), disp)
+    assert metrics.dice(cubes, warped) == {1: 1.0}
+    assert metrics.hd95(jnp.asarray(cubes), warped, spacing=(2.0, 1.0, 1.0)) == {1: 0.0}
+    d_dev = metrics.surface_distances(jnp.asarray(cubes == 1), jnp.asarray(shifted == 1), spacing=(2.0, 1.0, 1.0))
+    d_np = metrics.surface_distances(cubes == 1, shifted == 1, spacing=(2.0, 1.0, 1.0))
+    for x, y in zip(d_dev, d_np):
+        assert isinstance(x, np.ndarray) and x.dtype == np.float64
+        np.testing.assert_array_equal(x, y)
+
+
+def test_tre_and_jacobian_measures_take_device_arrays_and_batches_loop(rng):
+    fixed = rng.uniform(0, 10, (3, 5, 3)).astype(np.float32)  # (B, N, ndim) landmarks, float32 as on a device
+    warped = fixed + rng.normal(size=fixed.shape).astype(np.float32)
+    f_dev, w_dev = jnp.asarray(fixed), jnp.asarray(warped)
+    for i in range(3):
+        np.testing.assert_array_equal(metrics.tre(f_dev[i], w_dev[i], spacing=(1.0, 2.0, 0.5)),
+                                      metrics.tre(fixed[i], warped[i], spacing=(1.0, 2.0, 0.5)))
+        assert metrics.mean_tre(f_dev[i], w_dev[i]) == metrics.mean_tre(fixed[i], warped[i])
+    fields = jnp.asarray(rng.normal(scale=0.6, size=(3, 8, 9, 2)))  # rough fields: some voxels fold
+    jac = jax.vmap(spatial.jacobian_determinant)(fields)  # (B, 8, 9) on the device
+    mask = jnp.asarray(rng.random((8, 9)) > 0.3)
+    folded = [metrics.folding_fraction(j, mask=mask) for j in jac]
+    assert 0 < max(folded) < 1
+    assert folded == [metrics.folding_fraction(np.asarray(jac[i]), mask=np.asarray(mask)) for i in range(3)]
+    assert ([metrics.sd_log_jacobian(j) for j in jac]
+            == [metrics.sd_log_jacobian(np.asarray(jac[i])) for i in range(3)])
 
 
 # ----------------------------------------------------------------------------------------------- tables and files

@@ -220,7 +220,7 @@ def test_gaussian_smooth_matches_scipy(rng, sigma):
 
 
 def test_pyramid_shapes():
-    levels = spatial.pyramid(jnp.ones((33, 40, 20)), (4, 2, 1))
+    levels = spatial.pyramid(jnp.ones((33, 40, 20)), factors=(4, 2, 1))
     assert [lv.shape for lv in levels] == [(9, 10, 5), (17, 20, 10), (33, 40, 20)]
     np.testing.assert_allclose(levels[0], 1.0, atol=1e-6)  # smoothing preserves constants
 

@@ -1,4 +1,5 @@
-"""jaxreg.transforms: parametric matrices, B-splines, inversion."""
+"""jaxreg.transforms: parametric matrices, B-splines, inversion; jit and vmap like the rest of the library."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,3 +99,51 @@ def test_bspline_on_a_coarser_level_matches_resized_field(rng):
     fine = transforms.bspline_to_disp(control, shape, spacing)
     coarse = transforms.bspline_to_disp(control, (16, 12), spacing, grid_shape=shape)
     np.testing.assert_allclose(coarse, spatial.resize_disp(fine, (16, 12)), atol=0.05 * float(jnp.abs(fine).max()))
+
+
+# ---------------------------------------------------------------------------------------------------- jit and vmap
+def test_parametric_jit_equals_eager_and_vmap_equals_loop(rng):
+    """Every parametric transform in 2-D and 3-D, all in one jit and one jit(vmap) program (two compilations)."""
+    cases = {f"{name}-{ndim}": (name, ndim) for name in transforms.PARAMETRIC for ndim in (2, 3)}
+    batches = {k: jnp.asarray(rng.normal(scale=0.3, size=(3, transforms.num_params(name, ndim))))
+               for k, (name, ndim) in cases.items()}
+    fns = {k: transforms.PARAMETRIC[name][0] for k, (name, _) in cases.items()}
+    loop = {k: np.stack([fns[k](p) for p in b]) for k, b in batches.items()}  # eager, one example at a time
+    for k, (name, ndim) in cases.items():
+        assert loop[k].shape == (3, ndim + 1, ndim + 1), k
+        np.testing.assert_allclose(transforms.to_matrix(name, batches[k][1]), loop[k][1], atol=1e-12)
+
+    # the registry lookup is static (a Python string), so to_matrix jits with the name closed over
+    single = jax.jit(lambda bs: {k: transforms.to_matrix(cases[k][0], b[0]) for k, b in bs.items()})(batches)
+    batched = jax.jit(lambda bs: {k: jax.vmap(fns[k])(b) for k, b in bs.items()})(batches)
+    inverses = jax.jit(jax.vmap(transforms.invert_matrix))(loop["affine-3"])
+    for k in cases:
+        np.testing.assert_allclose(single[k], loop[k][0], atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(batched[k], loop[k], atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(inverses, np.linalg.inv(loop["affine-3"]), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape, spacing", [((16, 12), 4), ((8, 9, 10), (3, 4, 5))])
+def test_bspline_to_disp_jit_equals_eager_and_vmap_equals_loop(rng, shape, spacing):
+    ndim = len(shape)
+    batch = jnp.asarray(rng.normal(size=(3,) + transforms.bspline_grid_shape(shape, spacing) + (ndim,)))
+    loop = np.stack([transforms.bspline_to_disp(c, shape, spacing) for c in batch])
+    assert loop.shape == (3,) + shape + (ndim,)
+    to_disp = jax.jit(lambda c: transforms.bspline_to_disp(c, shape, spacing))  # shape and spacing are static
+    np.testing.assert_allclose(to_disp(batch[0]), loop[0], atol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.vmap(to_disp))(batch), loop, atol=1e-12)
+    # on a coarser pyramid level (grid_shape: the reference grid the control points are laid on)
+    coarse = tuple(s // 2 for s in shape)
+    level = jax.vmap(lambda c: transforms.bspline_to_disp(c, coarse, spacing, grid_shape=shape))(batch)
+    np.testing.assert_allclose(level[2], transforms.bspline_to_disp(batch[2], coarse, spacing, grid_shape=shape),
+                               atol=1e-12)
+
+
+def test_invert_disp_jit_equals_eager_and_vmap_equals_loop(rng):
+    shape = (12, 10)
+    noise = rng.normal(size=(2,) + shape + (2,))
+    batch = jnp.asarray([np.stack([ndi.gaussian_filter(n[..., d], 2.0) for d in range(2)], -1) for n in noise])
+    invert = jax.jit(lambda u: transforms.invert_disp(u, iterations=5))
+    loop = np.stack([transforms.invert_disp(u, iterations=5) for u in batch])
+    np.testing.assert_allclose(invert(batch[0]), loop[0], atol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.vmap(invert))(batch), loop, atol=1e-12)

@@ -2,8 +2,8 @@
 held-out evaluation loop every learned method uses.
 
 Tables and files
-    ``summarize`` turns per-pair dicts into mean/std/n per key; ``to_markdown``, ``write_csv`` and ``write_json``
-    render and save them. Every write is atomic: the text goes to a temporary file in the target's folder, which
+    ``summarize`` turns per-pair dicts into mean/std/n per key; ``markdown`` renders a summary (and paired tests)
+    as tables; ``write_csv``, ``write_json`` and ``write_text`` save them. Every write is atomic: the text goes to a temporary file in the target's folder, which
     then replaces the target with ``os.replace``; on error the temporary file is removed and the target is left as
     it was.
 """
@@ -59,31 +59,6 @@ def summarize(rows: Iterable[Mapping], *, ddof: int = 0) -> dict[str, dict[str, 
             std = float(x.std(ddof=ddof)) if n > ddof else math.nan
         table[k] = {"mean": mean, "std": std, "n": n}
     return table
-
-
-def _fmt(v, digits: int) -> str:
-    if _is_number(v):
-        return f"{float(v):.{digits}g}" if isinstance(v, (float, np.floating)) else str(int(v))
-    return str(v)
-
-
-def to_markdown(table, *, digits: int = 4) -> str:
-    """Render a Markdown table.
-
-    ``table`` is either a :func:`summarize` result (one row per key: ``mean ± std`` and ``n``) or a list of
-    row dicts (one column per key, nested dicts flattened). Floats are printed with ``digits`` significant digits.
-    """
-    if isinstance(table, Mapping):
-        lines = ["| metric | mean ± std | n |", "| --- | --- | --- |"]
-        for k, s in table.items():
-            lines.append(f"| {k} | {_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)} | {s['n']} |")
-        return "\n".join(lines) + "\n"
-    rows = [_flat(r) for r in table]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c], digits) if c in r else "" for c in cols) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------- atomic files

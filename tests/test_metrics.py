@@ -1,9 +1,6 @@
 """Tests for jaxreg.metrics: hand-computed overlaps and distances, brute-force surface-distance references,
-empty-label conventions, TRE, Jacobian statistics, device arrays and batches, tables and atomic writes."""
-import csv
-import json
+empty-label conventions, TRE, Jacobian statistics, device arrays and batches."""
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -263,63 +260,3 @@ def test_tre_and_jacobian_measures_take_device_arrays_and_batches_loop(rng):
     assert folded == [metrics.folding_fraction(np.asarray(jac[i]), mask=np.asarray(mask)) for i in range(3)]
     assert ([metrics.sd_log_jacobian(j) for j in jac]
             == [metrics.sd_log_jacobian(np.asarray(jac[i])) for i in range(3)])
-
-
-# ----------------------------------------------------------------------------------------------- tables and files
-def test_summarize_and_markdown():
-    rows = [
-        {"pair": "p0", "dice": {1: 0.8, 2: 0.4}, "hd95": 2.0, "time_s": np.float32(1.5)},
-        {"pair": "p1", "dice": {1: 0.6, 2: 0.6}, "hd95": math.inf, "time_s": 2},
-    ]
-    s = evaluation.summarize(rows)
-    assert list(s) == ["dice/1", "dice/2", "hd95", "time_s"]  # non-numeric "pair" skipped, order kept
-    assert s["dice/1"]["mean"] == pytest.approx(0.7) and s["dice/1"]["std"] == pytest.approx(0.1)
-    assert s["dice/1"]["n"] == 2
-    assert s["time_s"]["mean"] == pytest.approx(1.75)
-    assert s["hd95"]["mean"] == math.inf
-    assert evaluation.summarize(rows, ddof=1)["dice/1"]["std"] == pytest.approx(0.1 * math.sqrt(2))
-    md = evaluation.to_markdown(s)
-    assert md.splitlines()[0] == "| metric | mean ± std | n |"
-    assert "| dice/1 | 0.7 ± 0.1 | 2 |" in md
-    md_rows = evaluation.to_markdown(rows, digits=3)
-    assert md_rows.splitlines()[0] == "| pair | dice/1 | dice/2 | hd95 | time_s |"
-    assert "| p1 | 0.6 | 0.6 | inf | 2 |" in md_rows
-
-
-def test_write_csv_and_json_roundtrip(tmp_path):
-    rows = [{"pair": "p0", "dice": {1: 0.8}, "hd95": math.nan}, {"pair": "p1", "dice": {1: 0.5}, "extra": 3}]
-    path = tmp_path / "results.csv"
-    evaluation.write_csv(path, rows)
-    with open(path, newline="") as f:
-        got = list(csv.reader(f))
-    assert got == [["pair", "dice/1", "hd95", "extra"], ["p0", "0.8", "nan", ""], ["p1", "0.5", "", "3"]]
-    obj = {"dice": {1: np.float64(0.8), 2: math.nan}, "hd": math.inf, "n": np.int64(3), "v": np.arange(3)}
-    jpath = tmp_path / "results.json"
-    evaluation.write_json(jpath, obj)
-    assert json.loads(jpath.read_text()) == {"dice": {"1": 0.8, "2": None}, "hd": None, "n": 3, "v": [0, 1, 2]}
-    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json"]  # no temporary files left
-
-
-class _Unprintable:
-    def __str__(self):
-        raise RuntimeError("cannot format")
-
-
-def test_atomic_writes_do_not_clobber_on_error(tmp_path):
-    path = tmp_path / "table.csv"
-    path.write_text("old contents\n")
-    # The header and first row are written before the bad value: the error happens mid-file.
-    rows = [{"a": 1.0}, {"a": _Unprintable()}]
-    with pytest.raises(RuntimeError, match="cannot format"):
-        evaluation.write_csv(path, rows)
-    assert path.read_text() == "old contents\n"
-    jpath = tmp_path / "obj.json"
-    jpath.write_text('{"old": true}\n')
-    with pytest.raises(TypeError):
-        evaluation.write_json(jpath, {"ok": [1, 2, 3], "bad": object()})
-    assert jpath.read_text() == '{"old": true}\n'
-    assert sorted(os.listdir(tmp_path)) == ["obj.json", "table.csv"]
-    # A successful write replaces the target.
-    evaluation.write_json(jpath, {"new": 1})
-    assert json.loads(jpath.read_text()) == {"new": 1}
-    assert sorted(os.listdir(tmp_path)) == ["obj.json", "table.csv"]

@@ -80,10 +80,11 @@ else:
     ev = {"voxelmorph": old.run(v, os.path.join(work, "voxelmorph"), out=os.path.join(work, "ev_v")),
           "supervised": supervised.evaluate(s, os.path.join(work, "supervised"), out=os.path.join(work, "ev_s")),
           "translation": translation.evaluate(t, os.path.join(work, "translation"), out=os.path.join(work, "ev_t"))}
-same_name = {"hd95": "hd95_mean", "tre": "tre_mm"}  # measures renamed by the refactor
+same_name = {"hd95": "hd95_mean", "assd": "assd_mean", "tre": "tre_mm"}  # means renamed by the refactor
 keep = ("dice_mean", "assd_mean", "hd95_mean", "epe_mm", "folding_pct", "tre_mm", "t_l1")
 rows = {k: [{"pair": r["pair"], "method": r["method"],
-             **{same_name.get(m, m): x for m, x in r.items() if same_name.get(m, m) in keep}} for r in out["rows"]]
+             **{same_name.get(m, m): x for m, x in r.items()
+                if same_name.get(m, m) in keep and isinstance(x, (int, float))}} for r in out["rows"]]
         for k, out in ev.items()}
 print(json.dumps({"training_logs": logs, "evaluation_rows": rows}))
 '''

@@ -5,9 +5,9 @@
 
 For each checkout (in a subprocess, so each imports its own ``jaxreg``), trains tiny 2-D versions of the four
 learned methods (VoxelMorph unsupervised and semi-supervised, supervised, learned metric, translation) for a few
-steps from the checkout's own ``configs/``, then evaluates VoxelMorph, supervised and translation on 2 held-out
-pairs. Compares the ``metrics.jsonl`` rows (every logged term but ``steps_per_s``) and the per-pair evaluation
-rows (Dice, HD95, ASSD, EPE, TRE, folding, T L1) and writes both with the verdict to ``--out``. Checkouts before
+steps from the checkout's own ``configs/``, then evaluates all but the semi-supervised run on 2 held-out pairs (the
+learned metric through the classical engine, against MI). Compares the ``metrics.jsonl`` rows (every logged term but ``steps_per_s``) and the per-pair evaluation
+rows (Dice, Jaccard, HD95, ASSD, EPE, TRE, folding, T L1) and writes both with the verdict to ``--out``. Checkouts before
 the one-shape refactor (no ``jaxreg.evaluation.evaluate``) are driven through their old entry points.
 """
 from __future__ import annotations
@@ -54,6 +54,9 @@ s.eval.demons = {"levels": (1,), "iterations": (5,)}
 lm = cfg("learned_metric"); lm.data.kind, lm.data.shape, lm.data.foreground = "synthetic", (32, 32), "edges"
 lm.data.num_train_pairs = 2; lm.model.features, lm.model.dilations, lm.model.hidden = (8, 8), (1, 1), (8,)
 lm.train.ks, lm.train.steps, lm.train.batch_size, lm.train.scales, lm.train.log_every = (2,), 4, 8, (1,), 1
+lm.eval.num_pairs, lm.eval.methods = 2, ("identity", "mi", "learned")
+lm.eval.register = dict(transform="affine", deformable="disp", affine_levels=(1,), affine_iterations=(20,),
+                        levels=(1,), iterations=(10,), reg_weight=10.0)
 runs = {"voxelmorph": v, "voxelmorph_semi": semi, "translation": t, "supervised": s, "learned_metric": lm}
 from jaxreg import methods
 logs = {}
@@ -70,18 +73,22 @@ for name, c in runs.items():
 if new:
     from jaxreg import evaluation
     s.eval.figures = 0
+    lm.eval.figures = 0
     ev = {k: evaluation.evaluate(c, os.path.join(work, k), out=os.path.join(work, k, "eval"))
-          for k, c in (("voxelmorph", v), ("supervised", s), ("translation", t))}
+          for k, c in (("voxelmorph", v), ("supervised", s), ("translation", t), ("learned_metric", lm))}
 else:
     spec = importlib.util.spec_from_file_location("ev", f"{root}/evaluate.py")
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
-    from jaxreg.methods import supervised, translation
+    from jaxreg.methods import learned_metric, supervised, translation
+    lm.eval.verbose = False
     ev = {"voxelmorph": old.run(v, os.path.join(work, "voxelmorph"), out=os.path.join(work, "ev_v")),
           "supervised": supervised.evaluate(s, os.path.join(work, "supervised"), out=os.path.join(work, "ev_s")),
-          "translation": translation.evaluate(t, os.path.join(work, "translation"), out=os.path.join(work, "ev_t"))}
+          "translation": translation.evaluate(t, os.path.join(work, "translation"), out=os.path.join(work, "ev_t")),
+          "learned_metric": learned_metric.evaluate(lm, os.path.join(work, "learned_metric"),
+                                                    out=os.path.join(work, "ev_l"))}
 same_name = {"hd95": "hd95_mean", "assd": "assd_mean", "tre": "tre_mm"}  # means renamed by the refactor
-keep = ("dice_mean", "assd_mean", "hd95_mean", "epe_mm", "folding_pct", "tre_mm", "t_l1")
+keep = ("dice_mean", "jaccard_mean", "assd_mean", "hd95_mean", "epe_mm", "folding_pct", "tre_mm", "t_l1")
 rows = {k: [{"pair": r["pair"], "method": r["method"],
              **{same_name.get(m, m): x for m, x in r.items()
                 if same_name.get(m, m) in keep and isinstance(x, (int, float))}} for r in out["rows"]]

@@ -12,8 +12,10 @@ call only (masks, a starting field or matrix, a progress callback) is an argumen
 ``register(fixed, moving)`` finds the transform that maps fixed-grid points to moving positions,
 ``y(x) = A((x + u(x)) - c) + t + c``: a deformable field ``u`` (voxels, fixed grid) followed by a homogeneous matrix
 ``M = [A t]`` acting about the grid centre ``c`` (see ``spatial.affine_to_disp``). The total displacement
-``disp = y - x`` is what ``spatial.warp(moving, disp)`` pulls through. Fixed and moving share one grid (resample the
-moving image into the fixed grid first: ``jaxreg.data.preprocess.resample_to``).
+``disp = y - x`` is what ``spatial.warp(moving, disp)`` pulls through when both images share one grid. A moving image
+on its own grid (another shape, voxel size, orientation or field of view) keeps it: ``moving_grid`` (fixed voxel →
+moving voxel, ``inv(moving_affine) @ fixed_affine``) carries the points there, every pyramid level samples the moving
+image's own pyramid once per point (``pull``), and nothing outside the fixed field of view is lost.
 
 Stages (each optional): moments initialisation (centre of mass), a parametric stage (translation, rigid, similarity
 or affine) and a deformable stage (``"disp"`` dense displacement, ``"svf"`` stationary velocity field integrated by
@@ -326,11 +328,49 @@ def _loss(params, cfg, data):
         if cfg.regularizer is not None and cfg.reg_weight > 0:
             reg = cfg.reg_weight * losses.REGULARIZERS[cfg.regularizer](u if reg_field is None else reg_field)
     moving = jax.lax.stop_gradient(moving)
-    warped = spatial.warp(moving, disp)
+    grid = data.get("grid")
+    warped = pull(moving, disp, grid)
     mask = fixed_mask
     if moving_mask is not None:
-        mask = mask * spatial.warp(moving_mask, disp) if mask is not None else spatial.warp(moving_mask, disp)
+        pulled = pull(moving_mask, disp, grid)
+        mask = mask * pulled if mask is not None else pulled
     return _masked_similarity(cfg, fixed, warped, mask) + reg
+
+
+def pull(moving: ArrayLike, disp: ArrayLike, grid: ArrayLike | None = None, *, order: int = 1) -> jax.Array:
+    """``moving`` sampled at the fixed-grid points ``x + disp(x)``: on the fixed grid itself (``grid`` None:
+    ``spatial.warp``) or, for a moving image on its own grid, at the moving voxels ``grid @ [x + disp(x), 1]``
+    (``grid`` the homogeneous fixed-voxel → moving-voxel matrix): one interpolation either way.
+
+    ``moving`` ``(*S_moving)`` or ``(*S_moving, C)``; ``disp`` ``(*S_fixed, ndim)`` fixed-grid voxels; ``order`` 1
+    linear, 0 nearest (label maps as floats). Returns ``(*S_fixed[, C])``; zero outside the moving image.
+    """
+    if grid is None:
+        return spatial.warp(moving, disp, order=order)
+    nd = disp.shape[-1]
+    points = spatial.identity_grid(disp.shape[:-1], dtype=disp.dtype) + disp
+    grid = jnp.asarray(grid, disp.dtype)
+    coords = points @ grid[:nd, :nd].T + grid[:nd, nd].reshape((1,) * nd + (nd,))
+    return spatial.sample(moving, coords, order=order)
+
+
+def level_grid(grid, fixed_shape, moving_shape, factor):
+    """The fixed-voxel → moving-voxel matrix between the pyramid levels ``factor`` of both images (host NumPy).
+
+    ``grid`` ``(..., ndim+1, ndim+1)`` maps full-resolution fixed voxels to full-resolution moving voxels. A level
+    keeps the grid centre and scales voxel positions about it by ``level_shape / shape`` per axis (as
+    ``spatial.downsample`` and ``_rescale_matrix`` do), separately for each image.
+    """
+    def to_level(shape):
+        shape = np.asarray(shape, np.float64)
+        d = np.asarray(spatial.level_shape(tuple(int(n) for n in shape), factor), np.float64) / shape
+        c, c_level = (shape - 1) / 2, (shape * d - 1) / 2
+        m = np.eye(len(shape) + 1)
+        m[:-1, :-1] = np.diag(d)
+        m[:-1, -1] = c_level - d * c
+        return m
+
+    return to_level(moving_shape) @ np.asarray(grid, np.float64) @ np.linalg.inv(to_level(fixed_shape))
 
 
 def _translation_slice(model, ndim):
@@ -411,19 +451,26 @@ def _per_pair(fn, batched, **options):
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def centre_of_mass_shift(fixed, moving, fixed_mask=None, moving_mask=None):
-    """Translation (voxels) taking the fixed image's intensity centroid to the moving one's: ``(ndim,)``.
+def centre_of_mass_shift(fixed, moving, fixed_mask=None, moving_mask=None, grid=None):
+    """Translation (fixed-grid voxels) taking the fixed image's intensity centroid to the moving one's: ``(ndim,)``.
 
-    Intensities are taken above each image's minimum and weighted by the masks when given.
+    Intensities are taken above each image's minimum and weighted by the masks when given. With ``grid`` (the
+    fixed-voxel → moving-voxel matrix of a moving image on its own grid) the moving centroid is carried back into
+    fixed voxels first, so the shift is the one between the two centroids in world space.
     """
     def com(img, mask):
         w = img - jnp.min(img)
         if mask is not None:
             w = w * mask
-        grid = spatial.identity_grid(img.shape, dtype=img.dtype)
+        points = spatial.identity_grid(img.shape, dtype=img.dtype)
         total = jnp.maximum(jnp.sum(w), 1e-12)
-        return jnp.sum(grid * w[..., None], axis=tuple(range(img.ndim))) / total
-    return com(moving, moving_mask) - com(fixed, fixed_mask)
+        return jnp.sum(points * w[..., None], axis=tuple(range(img.ndim))) / total
+    target = com(moving, moving_mask)
+    if grid is not None:
+        grid = jnp.asarray(grid, target.dtype)
+        nd = target.shape[0]
+        target = jnp.linalg.solve(grid[:nd, :nd], target - grid[:nd, nd])
+    return target - com(fixed, fixed_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -459,6 +506,7 @@ class _Pairs:
     fixed_mask: jax.Array | None
     moving_mask: jax.Array | None
     batched: bool
+    grid: np.ndarray | None = None  # fixed voxel -> moving voxel (host float64), None: one shared grid
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -485,14 +533,27 @@ class _Pairs:
         """``_run_level`` compiled for one pair or vmapped over the batch."""
         return (_run_level_batch if self.batched else _run_level_jit)(params, data, cfg)
 
+    @property
+    def moving_shape(self) -> tuple[int, ...]:
+        """The spatial shape of one moving image (its own grid when ``grid`` is given)."""
+        return self.moving.shape[1:] if self.batched else self.moving.shape
+
     def at_level(self, factor, **extra) -> dict:
-        """One level's ``data``: the images and masks downsampled by ``factor``, plus the ``extra`` entries."""
+        """One level's ``data``: the images and masks downsampled by ``factor`` (each on its own grid), the level's
+        fixed → moving voxel matrix ``grid`` (None on one shared grid), plus the ``extra`` entries."""
         down = self.per_pair(spatial.downsample, factor=factor)
-        data = {"fixed": down(self.fixed), "moving": down(self.moving)}
+        data = {"fixed": down(self.fixed), "moving": down(self.moving), "grid": None}
         for name in ("fixed_mask", "moving_mask"):
             mask = getattr(self, name)
             data[name] = None if mask is None else down(mask)
+        if self.grid is not None:
+            data["grid"] = jnp.asarray(level_grid(self.grid, self.shape, self.moving_shape, factor), self.dtype)
         return {**data, **extra}
+
+    def pulled(self, image, disp):
+        """``image`` (on the moving grid) pulled onto the fixed grid through the full-resolution ``disp``."""
+        grid = None if self.grid is None else jnp.asarray(self.grid, self.dtype)
+        return self.per_pair(pull)(image, disp, grid)
 
 
 class _Log:
@@ -508,29 +569,44 @@ class _Log:
             self.callback(name, history)
 
 
-def _checked_pairs(fixed, moving, fixed_mask, moving_mask, *, batched) -> _Pairs:
-    """Float, finite, same-shaped 2-D or 3-D images and non-empty masks of their shape (as the images' dtype)."""
+def _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, *, batched) -> _Pairs:
+    """Float, finite 2-D or 3-D images (same shape unless ``moving_grid`` relates their grids), non-empty masks of
+    their image's shape (as the images' dtype), and a finite, invertible ``moving_grid``."""
     lead = 1 if batched else 0
     fixed = _validate.floating(fixed, "fixed")
     moving = _validate.floating(moving, "moving")
-    _validate.same_shape(fixed, moving, "fixed", "moving")
+    if moving_grid is None:
+        _validate.same_shape(fixed, moving, "fixed", "moving")
+    elif moving.ndim != fixed.ndim or moving.shape[:lead] != fixed.shape[:lead]:
+        raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} must have the same number of axes"
+                         f"{' and batch size' if batched else ''}")
     if fixed.ndim - lead not in (2, 3):
         raise ValueError(f"fixed and moving must be 2-D or 3-D{' (after the batch axis)' if batched else ''}, "
                          f"got {fixed.shape}")
     _validate.finite(fixed, "fixed")
     _validate.finite(moving, "moving")
+    grid = None
+    if moving_grid is not None:
+        nd = fixed.ndim - lead
+        grid = np.asarray(moving_grid, np.float64)
+        if grid.shape != fixed.shape[:lead] + (nd + 1, nd + 1):
+            raise ValueError(f"moving_grid must have shape {fixed.shape[:lead] + (nd + 1, nd + 1)} (homogeneous "
+                             f"fixed voxel -> moving voxel matrix), got {grid.shape}")
+        if not np.isfinite(grid).all() or np.any(np.abs(np.linalg.det(grid[..., :nd, :nd])) < 1e-12):
+            raise ValueError("moving_grid must be finite and invertible (inv(moving_affine) @ fixed_affine)")
     masks = {}
     for name, m in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
         if m is not None:
             m = jnp.asarray(m)
-            if m.shape != fixed.shape:
-                raise ValueError(f"{name} must have the image shape {fixed.shape}, got {m.shape}")
+            image = fixed if name == "fixed_mask" else moving
+            if m.shape != image.shape:
+                raise ValueError(f"{name} must have the shape of its image {image.shape}, got {m.shape}")
             m = m.astype(fixed.dtype)
             per_pair = jnp.sum(m.reshape(m.shape[:lead] + (-1,)), axis=-1)
             if not isinstance(m, jax.core.Tracer) and bool(jnp.any(per_pair <= 0)):
                 raise ValueError(f"{name} is empty (no voxel > 0)")
         masks[name] = m
-    return _Pairs(fixed, moving, masks["fixed_mask"], masks["moving_mask"], batched)
+    return _Pairs(fixed, moving, masks["fixed_mask"], masks["moving_mask"], batched, grid)
 
 
 def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_matrix):
@@ -540,6 +616,15 @@ def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_mat
 
     def fits(factor):
         return all(n >= min(MIN_LEVEL_SIZE, s) for n, s in zip(spatial.level_shape(shape, factor), shape))
+
+    if pairs.grid is not None:  # the moving image's own pyramid
+        moving_shape = pairs.moving_shape
+        fits_fixed = fits
+
+        def fits(factor):
+            ok = all(n >= min(MIN_LEVEL_SIZE, s) for n, s in zip(spatial.level_shape(moving_shape, factor),
+                                                                   moving_shape))
+            return ok and fits_fixed(factor)
 
     for name, factors, runs in (("affine_levels", opts.affine_levels, opts.transform is not None),
                                 ("levels", opts.levels, opts.deformable is not None)):
@@ -570,7 +655,9 @@ def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log:
     trans_unit = max(shape) / 20.0  # translations are optimised in these units (see _level_matrix)
     params = pairs.broadcast(jnp.zeros(transforms.num_params(model, ndim), dtype))
     if opts.init == "com":
-        shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask, pairs.moving_mask)
+        grid = None if pairs.grid is None else jnp.asarray(pairs.grid, dtype)
+        shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask, pairs.moving_mask,
+                                                     grid)
         params = params.at[..., _translation_slice(model, ndim)].set(shift / trans_unit)
     metric, metric_options = opts.affine_similarity()
     for factor, iters in zip(opts.affine_levels, _one_per(opts.affine_iterations, len(opts.affine_levels))):
@@ -621,15 +708,15 @@ def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp
     return base, velocity
 
 
-def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, initial_disp,
+def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, initial_disp,
               initial_matrix, callback) -> Result:
-    pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, batched=batched)
+    pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, batched=batched)
     _check_setup(pairs, opts, initial_disp, initial_matrix)
     log = _Log(callback)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
     u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
     disp = pairs.per_pair(spatial.compose_affine)(matrix, u)
-    warped = pairs.per_pair(spatial.warp)(pairs.moving, disp)
+    warped = pairs.pulled(pairs.moving, disp)
     return Result(matrix, disp, warped, velocity, log.history, log.seconds)
 
 
@@ -652,15 +739,25 @@ def _with_overrides(options: RegisterOptions | None, overrides: dict) -> Registe
 
 def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
              fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
-             initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
+             moving_grid: ArrayLike | None = None, initial_disp: ArrayLike | None = None,
+             initial_matrix: ArrayLike | None = None,
              callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
-    """Register ``moving`` onto ``fixed`` (same grid, ``(*spatial)`` float, 2-D or 3-D); returns a ``Result``.
+    """Register ``moving`` onto ``fixed`` (``(*spatial)`` float, 2-D or 3-D); returns a ``Result``.
+
+    The images share one grid unless ``moving_grid`` says how the moving image's own grid lies: then the moving
+    image (and its mask) keep their shape and are sampled through ``moving_grid`` at every level, so nothing outside
+    the fixed field of view is lost and every result is interpolated once.
 
     options: the settings, a ``RegisterOptions`` [``RegisterOptions()``; see also ``PRESETS``].
     overrides: ``RegisterOptions`` fields by name replacing those of ``options``, e.g.
       ``register(f, m, options=PRESETS["affine"], iterations=(10,))``; an unknown name is a ``ValueError``. Only the
       named fields change: another ``metric`` keeps ``options.metric_options`` unless that is replaced too.
-    fixed_mask, moving_mask: ``(*spatial)`` weights; the similarity is computed where both are > 0 [None].
+    fixed_mask, moving_mask: weights on their image's grid; the similarity is computed where both are > 0 [None].
+    moving_grid: ``(ndim+1, ndim+1)`` homogeneous matrix from fixed voxel indices to moving voxel indices, e.g.
+      ``inv(moving_affine) @ fixed_affine`` for NIfTI affines [None: the moving image lies on the fixed grid]. The
+      transform stays in fixed-grid voxels: ``Result.disp`` is a fixed-grid displacement and the moving image is
+      sampled at ``moving_grid @ [x + disp(x), 1]`` (``pull``); the world map follows as
+      ``fixed_affine ∘ (x ↦ x + disp(x)) ∘ inv(fixed_affine)``.
     initial_disp: ``(*spatial, ndim)`` deformable field (fixed-grid voxels) to start from, e.g. instance
       optimisation of a network's output; applied before the matrix [None].
     initial_matrix: ``(ndim+1, ndim+1)`` matrix about the grid centre used when ``transform`` is None [None].
@@ -671,18 +768,19 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
     """
     opts = _with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=False, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                     initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
+                     moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
 
 
 def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
                    fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
-                   initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
+                   moving_grid: ArrayLike | None = None, initial_disp: ArrayLike | None = None,
+                   initial_matrix: ArrayLike | None = None,
                    callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
     """``register`` for a batch ``(B, *spatial)`` of same-shaped pairs, one compiled ``vmap`` program per level.
 
-    Arguments as ``register``; masks, ``initial_disp`` and ``initial_matrix`` carry the batch axis too. Every field
-    of the result has a leading batch axis.
+    Arguments as ``register``; masks, ``moving_grid``, ``initial_disp`` and ``initial_matrix`` carry the batch axis
+    too (the moving images share one shape). Every field of the result has a leading batch axis.
     """
     opts = _with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=True, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                     initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
+                     moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,14 +37,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "Each engine option comes from --preset unless its flag is given; brackets "
                                    "show the option's default, then the presets that differ from it.")
     r.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
-    r.add_argument("moving", help="moving image; resampled into the fixed world grid first")
+    r.add_argument("moving", help="moving image, on any grid: it keeps its own (no resampling before registering)")
     _register_options(r)
 
     a = sub.add_parser("apply", help="apply a saved result to another image", formatter_class=fmt)
-    a.add_argument("transform_dir", help="an OUTDIR written by 'jaxreg register'")
+    a.add_argument("transform", help="an OUTDIR written by 'jaxreg register', or an ITK/ANTs affine file "
+                                     "(.txt/.tfm/.mat, fixed -> moving) with --reference")
     a.add_argument("image", help="image in the moving image's world space (any grid)")
     a.add_argument("-o", "--output", required=True, help="output NIfTI path")
-    a.add_argument("--labels", action="store_true", help="treat IMAGE as an integer label map (nearest neighbour)")
+    a.add_argument("--reference", help="fixed image: the output grid (needed for an affine file)")
+    kind = a.add_mutually_exclusive_group()
+    kind.add_argument("--labels", dest="labels", action="store_true", default=None,
+                      help="IMAGE is a label map: nearest neighbour, integer output [default: when stored as integers]")
+    kind.add_argument("--intensities", dest="labels", action="store_false",
+                      help="IMAGE is an intensity image: linear interpolation, float output")
 
     d = sub.add_parser("demo", help="register a brain pair made from the embedded data", formatter_class=fmt,
                        description="Build a moving brain from the MNI152 template (nilearn's packaged copy; "
@@ -154,6 +158,10 @@ def _register_options(r):
     r.add_argument("--fixed-labels", help="fixed label map: Dice per label is reported")
     r.add_argument("--no-normalize", action="store_true", help="skip robust [0.5, 99.5] percentile scaling")
     r.add_argument("--seed", type=int, default=0, help="seed (kept in the report; the engine is deterministic)")
+    r.add_argument("--inverse", action="store_true", help="also write the inverse transform (moving -> fixed) and "
+                                                           "its inverse-consistency error in report.json")
+    r.add_argument("--l2r", nargs=2, metavar=("FIXED_ID", "MOVING_ID"),
+                   help="also write Learn2Reg's disp_FIXED_ID_MOVING_ID.nii.gz (fixed-grid voxels)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -238,131 +246,95 @@ def _progress(quiet):
     return callback
 
 
-def _stage_dir(output: str) -> str:
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".jaxreg-", dir=parent)
-
-
-def _commit(stage: str, output: str):
-    """Move every staged file into ``output`` (created if needed), then remove the staging folder."""
-    os.makedirs(output, exist_ok=True)
-    for name in sorted(os.listdir(stage)):
-        os.replace(os.path.join(stage, name), os.path.join(output, name))
-    os.rmdir(stage)
-
-
-def _load_mask(path, fixed, name):
-    from jaxreg.data import io, preprocess
-
-    vol = preprocess.resample_to(io.load(path), fixed.shape, fixed.affine, order=0)
-    mask = (np.asarray(vol.data) > 0).astype(np.float32)
-    if vol.data.shape != fixed.shape:
-        raise ValueError(f"{name} {path}: expected a single-channel image, got shape {vol.data.shape}")
-    if mask.sum() == 0:
-        raise ValueError(f"{name} {path} is empty on the fixed grid (no voxel > 0)")
-    return mask
-
-
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
-                 fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0) -> dict:
-    """Load, resample, normalise, register with ``opts`` and write results; returns the report dict."""
-    import jax
-
-    from jaxreg import evaluation, metrics, spatial
-    from jaxreg.data import io, preprocess
+                 fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
+                 inverse=False, l2r=None) -> dict:
+    """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
+    the results with ``Registration.save``; returns the report dict."""
+    from jaxreg import metrics, spatial, world
+    from jaxreg.data import io
 
     t_start = time.perf_counter()
-    fixed = io.load(fixed_path)
-    moving = io.load(moving_path)
-    for path, vol in ((fixed_path, fixed), (moving_path, moving)):
-        if vol.has_channels:
-            raise ValueError(f"{path}: expected a single-channel image, got shape {vol.data.shape}")
-    if fixed.ndim != moving.ndim:
-        raise ValueError(f"{fixed_path} is {fixed.ndim}-D but {moving_path} is {moving.ndim}-D")
-    moving_on_fixed = preprocess.resample_to(moving, fixed.shape, fixed.affine, order=1)
-    f = np.asarray(fixed.data, np.float32)
-    m = np.asarray(moving_on_fixed.data, np.float32)
-    if normalize:
-        f, m = preprocess.normalize(f), preprocess.normalize(m)
-    if np.ptp(f) == 0 or np.ptp(m) == 0:
-        raise ValueError(f"{fixed_path if np.ptp(f) == 0 else moving_path}: image is constant on the fixed grid")
-    masks = {}
-    if fixed_mask:
-        masks["fixed_mask"] = _load_mask(fixed_mask, fixed, "--fixed-mask")
-    if moving_mask:
-        masks["moving_mask"] = _load_mask(moving_mask, fixed, "--moving-mask")
-    labels_m = labels_f = None
-    if moving_labels:
-        labels_m = preprocess.resample_to(io.load_labels(moving_labels), fixed.shape, fixed.affine, order=0)
-    if fixed_labels:
-        labels_f = io.load_labels(fixed_labels)
-        if labels_f.shape != fixed.shape:
-            raise ValueError(f"--fixed-labels {fixed_labels}: shape {labels_f.shape} differs from the fixed image {fixed.shape}")
-    t_loaded = time.perf_counter()
-
-    result = optimize.register(f, m, options=opts, callback=_progress(quiet), **masks)
-    disp = jax.block_until_ready(result.disp)
-    t_registered = time.perf_counter()
-
-    jac = np.asarray(spatial.jacobian_determinant(disp))
+    inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
+                                           moving_mask) if p}
+    reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
+                                fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
+                                callback=_progress(quiet))
+    clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in world.FILES})
+    if clash:
+        raise ValueError(f"-o {output} would overwrite the input {clash[0]}: choose another output folder")
+    jac = np.asarray(spatial.jacobian_determinant(reg.disp))
+    history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {
         "fixed": os.path.abspath(fixed_path), "moving": os.path.abspath(moving_path), "seed": seed,
-        "options": _options_json(opts),
-        "shape": list(fixed.shape), "spacing_mm": [float(s) for s in fixed.spacing],
-        "seconds": {"load": t_loaded - t_start, "register": t_registered - t_loaded,
-                    "per_level": {k: float(v) for k, v in result.seconds.items()}},
-        "final_loss": {k: float(np.asarray(h)[~np.isnan(np.asarray(h))][-1]) if np.any(~np.isnan(np.asarray(h))) else None
-                       for k, h in result.history.items()},
-        "iterations": {k: int(np.sum(~np.isnan(np.asarray(h)))) for k, h in result.history.items()},
+        "options": _options_json(reg.options),
+        "shape": list(reg.fixed.shape), "spacing_mm": [float(s) for s in reg.fixed.spacing],
+        "moving_shape": list(reg.moving.shape), "moving_spacing_mm": [float(s) for s in reg.moving.spacing],
+        "seconds": {"register": reg.seconds["total"],
+                    "per_level": {k: v for k, v in reg.seconds.items() if k != "total"}},
+        "final_loss": {k: float(h[~np.isnan(h)][-1]) if np.any(~np.isnan(h)) else None for k, h in history.items()},
+        "iterations": {k: int(np.sum(~np.isnan(h))) for k, h in history.items()},
         "jacobian": {"folding_fraction": metrics.folding_fraction(jac), "sd_log_jacobian": metrics.sd_log_jacobian(jac),
                      "min": float(jac.min()), "max": float(jac.max())},
-        "files": {},
+        "world_matrix": reg.world_matrix,
     }
-    stage = _stage_dir(output)
-    try:
-        io.save(os.path.join(stage, "warped.nii.gz"), np.asarray(spatial.warp(moving_on_fixed.data.astype(np.float32), disp)), fixed.affine)
-        io.save_displacement(os.path.join(stage, "displacement.nii.gz"), np.asarray(disp), fixed.affine)
-        world = transforms.matrix_about_centre_to_world(np.asarray(result.matrix), fixed.shape, io.as_affine4(fixed.affine, fixed.ndim), io.as_affine4(fixed.affine, fixed.ndim))
-        io.save_matrix(os.path.join(stage, "affine.json"), world)
-        report["files"] = {"warped": "warped.nii.gz", "displacement_mm_ras": "displacement.nii.gz", "affine_world": "affine.json"}
-        if labels_m is not None:
-            warped_labels = np.asarray(spatial.warp_labels(labels_m.data, disp))
-            io.save(os.path.join(stage, "warped_labels.nii.gz"), warped_labels.astype(np.int32), fixed.affine)
-            report["files"]["warped_labels"] = "warped_labels.nii.gz"
-            if labels_f is not None:
-                dice = metrics.dice(labels_f.data, warped_labels)
-                before = metrics.dice(labels_f.data, labels_m.data)
-                report["dice"] = {str(k): v for k, v in dice.items()}
-                report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
-                report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
-        report["seconds"]["total"] = time.perf_counter() - t_start
-        evaluation.write_json(os.path.join(stage, "report.json"), report)
-        _commit(stage, output)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    if fixed_labels:
+        labels_f = io.load_labels(fixed_labels)
+        if labels_f.shape != reg.fixed.shape:
+            raise ValueError(f"--fixed-labels {fixed_labels}: shape {labels_f.shape} differs from the fixed image "
+                             f"{reg.fixed.shape}")
+        if reg.warped_labels is not None:
+            dice = metrics.dice(labels_f.data, reg.warped_labels.data)
+            unmoved = dataclasses.replace(reg, matrix=np.eye(reg.fixed.ndim + 1), disp=np.zeros_like(reg.disp))
+            before = metrics.dice(labels_f.data, unmoved.warped_labels.data)  # world space, no registration
+            report["dice"] = {str(k): v for k, v in dice.items()}
+            report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
+            report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
+    report["seconds"]["total"] = time.perf_counter() - t_start
+    report["files"] = reg.save(output, inverse=inverse, l2r=tuple(l2r) if l2r else None, report=report)
     return report
 
 
-def run_apply(transform_dir, image_path, output, *, labels=False):
-    """Warp ``image_path`` with the displacement saved in ``transform_dir``; writes ``output`` atomically."""
-    from jaxreg import spatial
-    from jaxreg.data import io, preprocess
+def run_apply(transform, image_path, output, *, labels=None, reference=None):
+    """Pull ``image_path`` (in the moving image's world space, any grid) onto the fixed grid, once; writes
+    ``output`` atomically.
 
-    disp_path = os.path.join(transform_dir, "displacement.nii.gz")
-    if not os.path.exists(disp_path):
-        raise FileNotFoundError(f"{transform_dir}: no displacement.nii.gz (not an output folder of 'jaxreg register')")
-    field = io.load_displacement(disp_path)
-    shape, affine = field.shape, field.affine
-    if labels:
-        vol = preprocess.resample_to(io.load_labels(image_path), shape, affine, order=0)
-        out = np.asarray(spatial.warp_labels(vol.data.astype(np.int32), field.data.astype(np.float32))).astype(np.int32)
+    ``transform``: an OUTDIR of ``jaxreg register`` (its ``displacement.nii.gz``: the whole map) or an ITK/ANTs
+    affine file (``.txt``, ``.tfm``, ``.mat``; fixed -> moving in ITK's convention), which needs ``reference`` (the
+    fixed image, for the output grid). ``labels``: nearest neighbour and an integer output; default: integer data.
+    """
+    from jaxreg import world
+    from jaxreg.data import io, itk
+
+    if os.path.isdir(transform):
+        disp_path = os.path.join(transform, "displacement.nii.gz")
+        if not os.path.exists(disp_path):
+            raise FileNotFoundError(f"{transform}: no displacement.nii.gz (not an output folder of 'jaxreg register')")
+        field = io.load_displacement(disp_path)
+        fixed = io.Volume(np.zeros(field.shape, np.float32), field.affine)
+        matrix, disp = np.eye(field.ndim + 1), field.data
     else:
-        vol = preprocess.resample_to(io.load(image_path), shape, affine, order=1)
-        if vol.has_channels:
-            raise ValueError(f"{image_path}: expected a single-channel image, got shape {vol.data.shape}")
-        out = np.asarray(spatial.warp(vol.data.astype(np.float32), field.data.astype(np.float32)))
-    io.save(output, out, affine)
+        if reference is None:
+            raise ValueError(f"{transform}: an affine transform file needs --reference FIXED (the output grid)")
+        world_matrix = itk.read_affine(transform)
+        fixed = io.load(reference)
+        disp = world.affine_displacement(world_matrix, fixed)
+        matrix = np.eye(fixed.ndim + 1)
+    image = io.load(image_path, dtype=np.float64)
+    if labels is None:
+        labels = bool(np.all(np.asarray(image.data) == np.round(image.data))) and _integer_file(image_path)
+    reg = world.Registration(fixed, image, optimize.PRESETS["default"], matrix, np.asarray(disp, np.float32))
+    io.save(output, reg.apply(io.Volume(image.data.astype(np.int32 if labels else np.float32), image.affine,
+                                        image.has_channels), labels=labels))
+
+
+def _integer_file(path) -> bool:
+    """Whether a NIfTI file stores integers (its on-disk dtype, without scaling)."""
+    import nibabel as nib
+
+    img = nib.load(os.fspath(path))
+    slope, _ = img.header.get_slope_inter()
+    return np.issubdtype(img.get_data_dtype(), np.integer) and slope in (None, 1.0)
 
 
 def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> dict:
@@ -417,10 +389,10 @@ def main(argv=None) -> int:
             report = run_register(args.fixed, args.moving, args.output, opts, moving_labels=args.moving_labels,
                                   fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
                                   moving_mask=args.moving_mask, normalize=not args.no_normalize, quiet=args.quiet,
-                                  seed=args.seed)
+                                  seed=args.seed, inverse=args.inverse, l2r=args.l2r)
             _summary(report, args.output)
         elif args.command == "apply":
-            run_apply(args.transform_dir, args.image, args.output, labels=args.labels)
+            run_apply(args.transform, args.image, args.output, labels=args.labels, reference=args.reference)
             print(f"wrote {args.output}")
         else:
             report = run_demo(args.output, contrast=args.contrast, seed=args.seed, synthetic=args.synthetic,

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from jaxreg.data.io import atomic_write
+from jaxreg.data.io import atomic_write, write_json  # noqa: F401  (write_json: part of this module's API)
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -83,32 +83,6 @@ def write_csv(path, rows: Iterable[Mapping]) -> None:
             w.writerow([r.get(c, "") for c in cols])
 
     _atomic_write(path, write)
-
-
-def _jsonable(obj):
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def write_json(path, obj) -> None:
-    """Write ``obj`` as strict JSON atomically (indent 2).
-
-    NumPy scalars and arrays become numbers and lists, dict keys become strings, and non-finite floats (NaN, inf)
-    become ``null`` since JSON has no such numbers; use :func:`write_csv` to keep them distinguishable.
-    """
-    data = _jsonable(obj)
-    _atomic_write(path, lambda f: (json.dump(data, f, indent=2, allow_nan=False), f.write("\n")))
 
 
 # ----------------------------------------------------------------------------------------------- measures

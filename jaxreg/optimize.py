@@ -610,21 +610,14 @@ def _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, *, batch
 
 
 def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_matrix):
-    """What ``RegisterOptions`` cannot check alone: pyramids against the image shape (before anything compiles: a
-    factor of 1000 would build a Gaussian of thousands of taps), per-axis B-spline spacing, starting values."""
+    """What ``RegisterOptions`` cannot check alone: pyramids against the fixed image's shape (before anything
+    compiles: a factor of 1000 would build a Gaussian of thousands of taps; a moving image on its own grid is only
+    sampled, so its coarse levels may be smaller), per-axis B-spline spacing, starting values."""
     shape, ndim, lead = pairs.shape, pairs.ndim, pairs.fixed.shape[:1] if pairs.batched else ()
 
     def fits(factor):
         return all(n >= min(MIN_LEVEL_SIZE, s) for n, s in zip(spatial.level_shape(shape, factor), shape))
 
-    if pairs.grid is not None:  # the moving image's own pyramid
-        moving_shape = pairs.moving_shape
-        fits_fixed = fits
-
-        def fits(factor):
-            ok = all(n >= min(MIN_LEVEL_SIZE, s) for n, s in zip(spatial.level_shape(moving_shape, factor),
-                                                                   moving_shape))
-            return ok and fits_fixed(factor)
 
     for name, factors, runs in (("affine_levels", opts.affine_levels, opts.transform is not None),
                                 ("levels", opts.levels, opts.deformable is not None)):
@@ -723,7 +716,7 @@ def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, movi
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RegisterOptions))
 
 
-def _with_overrides(options: RegisterOptions | None, overrides: dict) -> RegisterOptions:
+def with_overrides(options: RegisterOptions | None, overrides: dict) -> RegisterOptions:
     """``options`` (default ``RegisterOptions()``) with the fields named in ``overrides`` replaced."""
     if options is None:
         options = RegisterOptions()
@@ -766,7 +759,7 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
     Raises ``ValueError`` naming the argument or option before anything is compiled: bad images or masks, invalid
     options, or a pyramid level that leaves fewer than ``MIN_LEVEL_SIZE`` voxels along an axis of the image.
     """
-    opts = _with_overrides(options, overrides)
+    opts = with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=False, fixed_mask=fixed_mask, moving_mask=moving_mask,
                      moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
 
@@ -781,6 +774,6 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOpti
     Arguments as ``register``; masks, ``moving_grid``, ``initial_disp`` and ``initial_matrix`` carry the batch axis
     too (the moving images share one shape). Every field of the result has a leading batch axis.
     """
-    opts = _with_overrides(options, overrides)
+    opts = with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=True, fixed_mask=fixed_mask, moving_mask=moving_mask,
                      moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)

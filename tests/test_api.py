@@ -145,7 +145,7 @@ LAYERS = {
     "spatial": 1,
     "transforms": 2, "losses": 2,
     "optimize": 3, "demons": 3, "models": 3, "data": 3,
-    "training": 4,
+    "training": 4, "world": 4,
     "methods": 5,
     "evaluation": 6,
     "cli": 7,

@@ -54,8 +54,8 @@ def test_register_round_trip_writes_results_on_the_fixed_grid(case, capsys):
     code = cli.main(["register", case["fixed"], case["moving"], "-o", out, "--moving-labels", case["moving_labels"],
                      "--fixed-labels", case["fixed_labels"], *FAST])
     assert code == 0, capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["affine.json", "displacement.nii.gz", "report.json", "warped.nii.gz",
-                                       "warped_labels.nii.gz"]
+    assert sorted(os.listdir(out)) == ["0GenericAffine.mat", "1Warp.nii.gz", "affine.json", "affine.txt",
+                                       "displacement.nii.gz", "report.json", "warped.nii.gz", "warped_labels.nii.gz"]
     warped = nib.load(os.path.join(out, "warped.nii.gz"))
     np.testing.assert_allclose(warped.affine, case["fixed_affine"])
     assert warped.shape == (20, 22, 18)

@@ -77,11 +77,14 @@ def _resample_reference(moving, moving_affine, matrix, w, fixed_affine):
     return out, inside
 
 
-@pytest.fixture
-def scene(tmp_path, rng):
-    """An oblique, anisotropic fixed/moving pair of grids, a world matrix, a smooth field, and their files."""
+@pytest.fixture(params=["right_handed", "left_handed"])
+def scene(request, tmp_path, rng):
+    """An oblique, anisotropic fixed/moving pair of grids, a world matrix, a smooth field, and their files. The
+    left-handed variant flips the fixed grid's first voxel axis (negative determinant, as in LAS/radiological
+    images; NIfTI's qform stores it through qfac)."""
     centre = np.array([1.0, -2.0, 3.0])  # both grids about the same world point; the moving one is larger
-    fixed_affine = _grid_affine([0.3, -0.2, 0.25], [1.5, 0.9, 2.2], centre, shape=FIXED_SHAPE, float32=True)
+    spacing = [1.5, 0.9, 2.2] if request.param == "right_handed" else [-1.5, 0.9, 2.2]
+    fixed_affine = _grid_affine([0.3, -0.2, 0.25], spacing, centre, shape=FIXED_SHAPE, float32=True)
     moving_affine = _grid_affine([-0.2, 0.15, -0.3], [2.0, 2.2, 2.8], centre, shape=MOVING_SHAPE, float32=True)
     matrix = _world_matrix(rng)
     w = _smooth_field(rng, FIXED_SHAPE, 3.0).astype(np.float32).astype(np.float64)
@@ -204,7 +207,8 @@ def test_compose_world(rng):
 
 # ----------------------------------------------------------------------------------------------- real open_ms files
 def _parse_itk_text(path):
-    fields = dict(line.split(":", 1) for line in open(path).read().splitlines() if ":" in line)
+    with open(path) as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
     return fields["Transform"].strip(), np.array(fields["Parameters"].split(), float), np.array(
         fields["FixedParameters"].split(), float)
 
@@ -421,9 +425,9 @@ def test_l2r_name():
     assert itk.l2r_name(1, 2) == "disp_0001_0002.nii.gz"
     assert itk.l2r_name("0395", 396, suffix=".npz") == "disp_0395_0396.npz"
     assert itk.l2r_name(11, 11, fixed_modality=0, moving_modality=1) == "disp_0011_0000_0011_0001.nii.gz"
-    for bad in (dict(fixed_id=10000, moving_id=1), dict(fixed_id="12", moving_id=1), dict(fixed_id=1.0, moving_id=1)):
-        with pytest.raises(ValueError):
-            itk.l2r_name(**bad)
+    for bad_fixed in (10000, -1, "12", "abcd", 1.0, True):
+        with pytest.raises(ValueError, match="fixed_id"):
+            itk.l2r_name(bad_fixed, 1)
     with pytest.raises(ValueError, match="both"):
         itk.l2r_name(1, 2, fixed_modality=0)
     with pytest.raises(ValueError, match="suffix"):

@@ -20,6 +20,7 @@ nibabel picks the same format) and moved into place with :func:`os.replace`; a f
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ __all__ = [
     "as_affine4",
     "load",
     "load_labels",
+    "from_nibabel",
     "save",
     "save_displacement",
     "load_displacement",
     "ras_to_lps",
     "save_matrix",
     "load_matrix",
+    "write_json",
 ]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -189,6 +192,15 @@ def load(path, *, dtype=np.float32) -> Volume:
     return Volume(data.astype(dtype, copy=False), vol.affine, vol.has_channels)
 
 
+def from_nibabel(image, *, name: str = "image", dtype=np.float32) -> Volume:
+    """A nibabel NIfTI image (in memory) as a :class:`Volume` with data cast to ``dtype``; layouts as :func:`load`.
+    ``name`` goes into error messages."""
+    vol = _to_volume(name, np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64))
+    if np.asarray(vol.data).dtype.kind == "f" and not np.isfinite(vol.data).all():
+        raise ValueError(f"{name}: contains NaN/Inf voxels")
+    return Volume(np.asarray(vol.data).astype(dtype, copy=False), vol.affine, vol.has_channels)
+
+
 def load_labels(path) -> Volume:
     """Load a label map as an int32 :class:`Volume`; raise ``ValueError`` naming the file on non-integer values."""
     return load(path, dtype=np.int32)
@@ -325,3 +337,35 @@ def load_matrix(path) -> np.ndarray:
     if m.shape not in ((4, 4), (3, 3)) or not np.isfinite(m).all():
         raise ValueError(f"{path}: expected a finite (4, 4) or (3, 3) matrix, got shape {m.shape}")
     return m
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as strict JSON atomically (indent 2).
+
+    NumPy scalars and arrays become numbers and lists, dict keys become strings, and non-finite floats (NaN, inf)
+    become ``null`` since JSON has no such numbers (``jaxreg.evaluation.write_csv`` keeps them distinguishable).
+    """
+    data = _jsonable(obj)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(os.fspath(path), write)

@@ -373,6 +373,11 @@ def _suffix_kind(path: str) -> str:
     raise ValueError(f"{path}: unsupported transform file suffix; use .txt or .tfm (ITK text) or .mat (ANTs/ITK MATLAB)")
 
 
+def _format_numbers(values) -> str:
+    """Shortest text that reads back to the same float64 (``repr``), without ``-0.0``."""
+    return " ".join(repr(float(v) + 0.0) for v in values)
+
+
 def write_affine(path, matrix, *, center=None) -> None:
     """Write a world affine as an ITK/ANTs transform file (atomically).
 
@@ -405,8 +410,8 @@ def write_affine(path, matrix, *, center=None) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
     else:
-        fmt = lambda v: " ".join(repr(float(x) + 0.0) for x in v)  # noqa: E731 -- shortest exact text, no "-0.0"
-        text = f"{_HEADER_LINE}\n#Transform 0\nTransform: {name}\nParameters: {fmt(params)}\nFixedParameters: {fmt(c)}\n"
+        text = (f"{_HEADER_LINE}\n#Transform 0\nTransform: {name}\nParameters: {_format_numbers(params)}\n"
+                f"FixedParameters: {_format_numbers(c)}\n")
 
         def write(tmp):
             with open(tmp, "w", encoding="ascii") as f:

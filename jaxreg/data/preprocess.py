@@ -43,7 +43,7 @@ def reorient_canonical(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(new), affine, volume.has_channels)
 
 
-def _index_map(src_affine: np.ndarray, ref_affine: np.ndarray, nd: int) -> np.ndarray:
+def index_map(src_affine: np.ndarray, ref_affine: np.ndarray, nd: int) -> np.ndarray:
     """Homogeneous ``(nd+1, nd+1)`` map from reference voxel indices to source voxel indices."""
     m4 = np.linalg.solve(src_affine, ref_affine)  # inv(A_src) @ A_ref
     keep = list(range(nd)) + [3]
@@ -110,7 +110,7 @@ def resample_to(volume: Volume, ref_shape, ref_affine, *, order: int = 1, cval=0
     if order not in range(6):
         raise ValueError(f"resample_to: order must be 0..5, got {order}")
     ref_affine = as_affine4(ref_affine, volume.ndim)
-    matrix = _index_map(volume.affine, ref_affine, volume.ndim)
+    matrix = index_map(volume.affine, ref_affine, volume.ndim)
     coords = _coords(matrix, ref_shape, volume.shape)
     out = _sample(volume.data, coords, volume.has_channels, order, cval)
     return Volume(out, ref_affine, volume.has_channels)

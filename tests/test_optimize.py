@@ -147,7 +147,7 @@ def test_instance_optimisation_starts_from_the_given_field():
         ({"metric_options": "window=5"}, r"metric_options must be a dict of keyword options"),
         ({"affine_metric_options": [("bins", 16)]}, r"affine_metric_options must be a dict"),
         ({"fixed_mask": np.zeros((16, 16))}, r"fixed_mask is empty"),
-        ({"fixed_mask": np.ones((8, 16))}, r"fixed_mask must have the image shape"),
+        ({"fixed_mask": np.ones((8, 16))}, r"fixed_mask must have the shape of its image"),
         ({"learning_rte": 0.1}, r"unknown option\(s\) \['learning_rte'\]; valid options .*'learning_rate'"),
         ({"initial_disp": np.zeros((16, 16, 3))}, r"initial_disp must have shape \(16, 16, 2\)"),
     ],

@@ -321,7 +321,7 @@ def _loss(params, cfg, data):
     shape = fixed.shape
     reg = 0.0
     if cfg.kind == "affine":
-        disp = spatial.affine_to_disp(_level_matrix(params, data["scale"], model=cfg.model), shape)
+        disp = spatial.affine_to_disp(_level_matrix(params, data["scale"], data["spacing"], model=cfg.model), shape)
     else:
         u, reg_field = _field(params, data["base"], cfg=cfg)
         disp = spatial.compose_affine(matrix, u)
@@ -380,14 +380,18 @@ def _translation_slice(model, ndim):
     return slice(start[model], start[model] + ndim)
 
 
-def _level_matrix(params, scale, *, model):
+def _level_matrix(params, scale, spacing=None, *, model):
     """Matrix of the parametric model at a pyramid level: ``D M D⁻¹`` with ``D = diag(level / full size)``.
 
-    ``scale`` is ``(*D, unit)``: translations are optimised in units of ``unit`` full-resolution voxels so that
-    Adam's step size suits angles and shifts alike.
+    ``scale`` is ``(*D, unit)``: translations are optimised in units of ``unit`` full-resolution voxels (mm with
+    ``spacing``) so that Adam's step size suits angles and shifts alike. With ``spacing`` (the fixed voxel size, mm
+    per axis) the parameters describe the transform in millimetres, ``M = S⁻¹ M_mm S`` with ``S = diag(spacing)``,
+    so that a rigid or similarity transform stays one on anisotropic voxels.
     """
     ndim = scale.shape[0] - 1
     m = transforms.to_matrix(model, params.at[_translation_slice(model, ndim)].multiply(scale[-1]))
+    if spacing is not None:
+        m = _rescale_matrix(m, 1.0 / spacing)
     return _rescale_matrix(m, scale[:ndim])
 
 
@@ -507,6 +511,7 @@ class _Pairs:
     moving_mask: jax.Array | None
     batched: bool
     grid: np.ndarray | None = None  # fixed voxel -> moving voxel (host float64), None: one shared grid
+    spacing: np.ndarray | None = None  # fixed voxel size in mm (host float64): parametric stage in mm
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -569,7 +574,7 @@ class _Log:
             self.callback(name, history)
 
 
-def _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, *, batched) -> _Pairs:
+def _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, spacing, *, batched) -> _Pairs:
     """Float, finite 2-D or 3-D images (same shape unless ``moving_grid`` relates their grids), non-empty masks of
     their image's shape (as the images' dtype), and a finite, invertible ``moving_grid``."""
     lead = 1 if batched else 0
@@ -606,7 +611,12 @@ def _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, *, batch
             if not isinstance(m, jax.core.Tracer) and bool(jnp.any(per_pair <= 0)):
                 raise ValueError(f"{name} is empty (no voxel > 0)")
         masks[name] = m
-    return _Pairs(fixed, moving, masks["fixed_mask"], masks["moving_mask"], batched, grid)
+    if spacing is not None:
+        nd = fixed.ndim - lead
+        spacing = np.asarray(spacing, np.float64).reshape(-1)
+        if spacing.shape != (nd,) or not np.isfinite(spacing).all() or np.any(spacing <= 0):
+            raise ValueError(f"spacing must be {nd} positive voxel sizes (mm), got {spacing}")
+    return _Pairs(fixed, moving, masks["fixed_mask"], masks["moving_mask"], batched, grid, spacing)
 
 
 def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_matrix):
@@ -645,25 +655,30 @@ def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log:
     if model is None:
         eye = pairs.broadcast(jnp.eye(ndim + 1, dtype=dtype))
         return eye if initial_matrix is None else jnp.asarray(initial_matrix, dtype)
-    trans_unit = max(shape) / 20.0  # translations are optimised in these units (see _level_matrix)
+    mm = pairs.spacing is not None  # parameters in millimetres (see _level_matrix)
+    spacing = pairs.broadcast(jnp.asarray(pairs.spacing, dtype)) if mm else None
+    extent = np.asarray(shape, np.float64) * (pairs.spacing if mm else 1.0)
+    trans_unit = float(extent.max()) / 20.0  # translations are optimised in these units (see _level_matrix)
     params = pairs.broadcast(jnp.zeros(transforms.num_params(model, ndim), dtype))
     if opts.init == "com":
         grid = None if pairs.grid is None else jnp.asarray(pairs.grid, dtype)
         shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask, pairs.moving_mask,
                                                      grid)
+        if mm:
+            shift = shift * spacing
         params = params.at[..., _translation_slice(model, ndim)].set(shift / trans_unit)
     metric, metric_options = opts.affine_similarity()
     for factor, iters in zip(opts.affine_levels, _one_per(opts.affine_iterations, len(opts.affine_levels))):
         t0 = time.perf_counter()
         lshape = spatial.level_shape(shape, factor)
         scale = np.array([n / s for n, s in zip(lshape, shape)] + [trans_unit], np.float64).astype(dtype)
-        data = pairs.at_level(factor, matrix=None, scale=pairs.broadcast(jnp.asarray(scale)))
+        data = pairs.at_level(factor, matrix=None, scale=pairs.broadcast(jnp.asarray(scale)), spacing=spacing)
         cfg = _Level("affine", model, metric, tuple(sorted(metric_options.items())), None, 0.0,
                      _level_optimizer(opts.optimizer, opts.affine_learning_rate, iters), iters, opts.tol, opts.window)
         params, hist = pairs.run_level(params, data, cfg)
         log.level_done(f"{model}@{factor}", hist, t0, params)
     full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
-    return pairs.per_pair(_level_matrix, model=model)(params, pairs.broadcast(full_scale))
+    return pairs.per_pair(_level_matrix, model=model)(params, pairs.broadcast(full_scale), spacing)
 
 
 def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp, log: _Log):
@@ -701,9 +716,9 @@ def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp
     return base, velocity
 
 
-def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, initial_disp,
-              initial_matrix, callback) -> Result:
-    pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, batched=batched)
+def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, spacing,
+              initial_disp, initial_matrix, callback) -> Result:
+    pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, spacing, batched=batched)
     _check_setup(pairs, opts, initial_disp, initial_matrix)
     log = _Log(callback)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
@@ -732,8 +747,8 @@ def with_overrides(options: RegisterOptions | None, overrides: dict) -> Register
 
 def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
              fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
-             moving_grid: ArrayLike | None = None, initial_disp: ArrayLike | None = None,
-             initial_matrix: ArrayLike | None = None,
+             moving_grid: ArrayLike | None = None, spacing: ArrayLike | None = None,
+             initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
              callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
     """Register ``moving`` onto ``fixed`` (``(*spatial)`` float, 2-D or 3-D); returns a ``Result``.
 
@@ -751,6 +766,9 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
       transform stays in fixed-grid voxels: ``Result.disp`` is a fixed-grid displacement and the moving image is
       sampled at ``moving_grid @ [x + disp(x), 1]`` (``pull``); the world map follows as
       ``fixed_affine ∘ (x ↦ x + disp(x)) ∘ inv(fixed_affine)``.
+    spacing: ``(ndim,)`` fixed voxel size in mm: the parametric stage is then parametrised in millimetres, so a
+      rigid or similarity transform stays rigid on anisotropic voxels and translations are steps in mm (the world
+      call ``jaxreg.world.register_images`` passes it) [None: voxel units, as for isotropic images].
     initial_disp: ``(*spatial, ndim)`` deformable field (fixed-grid voxels) to start from, e.g. instance
       optimisation of a network's output; applied before the matrix [None].
     initial_matrix: ``(ndim+1, ndim+1)`` matrix about the grid centre used when ``transform`` is None [None].
@@ -761,13 +779,13 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
     """
     opts = with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=False, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                     moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
+                     moving_grid=moving_grid, spacing=spacing, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
 
 
 def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,
                    fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
-                   moving_grid: ArrayLike | None = None, initial_disp: ArrayLike | None = None,
-                   initial_matrix: ArrayLike | None = None,
+                   moving_grid: ArrayLike | None = None, spacing: ArrayLike | None = None,
+                   initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
                    callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
     """``register`` for a batch ``(B, *spatial)`` of same-shaped pairs, one compiled ``vmap`` program per level.
 
@@ -776,4 +794,4 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOpti
     """
     opts = with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=True, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                     moving_grid=moving_grid, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
+                     moving_grid=moving_grid, spacing=spacing, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)

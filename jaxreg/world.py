@@ -352,7 +352,7 @@ def register_images(fixed, moving, *, options: optimize.RegisterOptions | None =
             raise ValueError(f"{name}: the image is constant")
     opts = optimize.with_overrides(options, overrides)  # checked before anything is read into the engine
     grid = grid_of(fixed_vol, moving_vol)
-    result = optimize.register(f, m, options=opts, moving_grid=grid,
+    result = optimize.register(f, m, options=opts, moving_grid=grid, spacing=fixed_vol.spacing,
                                fixed_mask=_mask(fixed_mask, fixed_vol, "fixed_mask"),
                                moving_mask=_mask(moving_mask, moving_vol, "moving_mask"),
                                callback=callback)

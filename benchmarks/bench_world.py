@@ -1,0 +1,131 @@
+"""Affine registration of real scanner-space images in world coordinates against the data set's reference transforms.
+
+    python benchmarks/bench_world.py [--data ../shared/data] [--out benchmarks/results/world_openms_DATE.json]
+
+Pairs from ``open_ms/longitudinal/patient01`` (raw scanner-space acquisitions, anisotropic grids that differ per
+image): between visits, study2 FLAIR -> study1 FLAIR (reference: ``R2 @ inv(R1)`` with ``Rk`` the data set's
+``studyK_FLAIR_to_common_space.txt``, both maps from the common space to the study's FLAIR); within a visit, T1W and
+T2W -> FLAIR (reference: ``studyK_{T1W,T2W}_intrastudy_to_FLAIR.txt``, FLAIR -> T1W/T2W). Every transform maps fixed
+world points to moving world points (RAS mm). Measure: the mean (and 95th percentile, max) distance in mm between the
+points that the found affine and the reference map each voxel of the fixed image's head to (head: voxels above 10 %
+of the image's 99th percentile, dilated); the identity's distance beside it. jaxreg runs ``jaxreg.world.
+register_images`` with no initial transform (centre-of-mass start) and the parametric stage only (affine, and rigid:
+both parametrised in millimetres), local NCC for the mono-modal pair, mutual information for the multimodal ones. ANTsPy's and elastix's affine registrations run in the
+same script when ``ants`` / ``itk`` import (peers; see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import scipy.ndimage as ndi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pairs(folder):
+    """``[(name, fixed path, moving path, reference (4,4) RAS fixed->moving, multimodal)]``."""
+    from jaxreg.data import itk
+
+    p = os.path.join(folder, "open_ms", "longitudinal", "patient01")
+    f = lambda name: os.path.join(p, name)  # noqa: E731
+    r1 = itk.read_affine(f("study1_FLAIR_to_common_space.txt"))
+    r2 = itk.read_affine(f("study2_FLAIR_to_common_space.txt"))
+    out = [("visit2 FLAIR -> visit1 FLAIR", f("study1_FLAIR.nii.gz"), f("study2_FLAIR.nii.gz"), r2 @ np.linalg.inv(r1),
+            False)]
+    for k in (1, 2):
+        for c in ("T1W", "T2W"):
+            out.append((f"visit{k} {c} -> FLAIR", f(f"study{k}_FLAIR.nii.gz"), f(f"study{k}_{c}.nii.gz"),
+                        itk.read_affine(f(f"study{k}_{c}_intrastudy_to_FLAIR.txt")), True))
+    return out
+
+
+def head_points(vol) -> np.ndarray:
+    """World points (RAS mm, ``(N, 3)``) of the head voxels of a fixed image."""
+    data = np.asarray(vol.data, np.float64)
+    mask = ndi.binary_dilation(data > 0.1 * np.percentile(data, 99), iterations=2)
+    idx = np.argwhere(mask).astype(np.float64)
+    return idx @ vol.affine[:3, :3].T + vol.affine[:3, 3]
+
+
+def distance(found, reference, points) -> dict:
+    """Distances (mm) between ``found`` and ``reference`` (``(4, 4)``) at ``points``: mean, p95, max."""
+    h = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    d = np.linalg.norm(h @ (found - reference).T, axis=1)
+    return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "max_mm": float(d.max())}
+
+
+def run_jaxreg(fixed, moving, multimodal, transform):
+    from jaxreg import world
+
+    overrides = {"metric": "mi", "metric_options": {"bins": 32}} if multimodal else {}
+    t0 = time.perf_counter()
+    reg = world.register_images(fixed, moving, preset="affine", transform=transform, **overrides)
+    return reg.world_matrix, time.perf_counter() - t0
+
+
+def run_ants(fixed_path, moving_path, multimodal):
+    import ants
+
+    from jaxreg.data import itk
+
+    t0 = time.perf_counter()
+    out = ants.registration(ants.image_read(fixed_path), ants.image_read(moving_path), type_of_transform="Affine",
+                            aff_metric="mattes" if multimodal else "GC")
+    return itk.read_affine(out["fwdtransforms"][0]), time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
+    ap.add_argument("--out", help="JSON file for the per-pair results")
+    ap.add_argument("--repeats", type=int, default=1, help="jaxreg runs per pair (the first includes compilation)")
+    args = ap.parse_args(argv)
+    from jaxreg.data import io
+
+    peers = {}
+    try:
+        import ants  # noqa: F401
+
+        peers["ANTsPy Affine"] = run_ants
+    except ImportError:
+        pass
+    rows = []
+    for name, fixed_path, moving_path, reference, multimodal in pairs(args.data):
+        fixed, moving = io.load(fixed_path), io.load(moving_path)
+        points = head_points(fixed)
+        row = {"pair": name, "fixed_shape": list(fixed.shape), "fixed_spacing_mm": fixed.spacing.round(3).tolist(),
+               "moving_shape": list(moving.shape), "moving_spacing_mm": moving.spacing.round(3).tolist(),
+               "identity": distance(np.eye(4), reference, points)}
+        for transform in ("affine", "rigid"):
+            seconds = []
+            for _ in range(args.repeats):
+                found, s = run_jaxreg(fixed, moving, multimodal, transform)
+                seconds.append(s)
+            row[f"jaxreg {transform}"] = {**distance(found, reference, points), "seconds": seconds,
+                                          "matrix": found.tolist()}
+        for peer, fn in peers.items():
+            found, s = fn(fixed_path, moving_path, multimodal)
+            row[peer] = {**distance(found, reference, points), "seconds": [s]}
+        rows.append(row)
+        print(f"{name}: identity {row['identity']['mean_mm']:.2f} mm"
+              + "".join(f", {k} {row[k]['mean_mm']:.2f} mm in {min(row[k]['seconds']):.1f} s"
+                        for k in ("jaxreg affine", "jaxreg rigid", *peers)), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result = {"command": "python benchmarks/bench_world.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
+              "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "peers": list(peers), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

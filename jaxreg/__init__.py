@@ -92,11 +92,12 @@ _LAZY_NAMES = {
     **{name: "metrics" for name in ("dice", "jaccard", "surface_distances", "hausdorff", "hd95", "assd", "tre",
                                     "mean_tre", "folding_fraction", "sd_log_jacobian")},
     **{name: "optimize" for name in ("register", "register_batch", "RegisterOptions", "PRESETS", "Result")},
+    **{name: "world" for name in ("register_images", "Registration")},
 }
-_LAZY_MODULES = ("metrics", "optimize", "demons", "data", "models", "training", "methods", "evaluation")
+_LAZY_MODULES = ("metrics", "optimize", "demons", "data", "models", "training", "methods", "evaluation", "world")
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
-    from jaxreg import data, demons, evaluation, methods, metrics, models, optimize, training  # noqa: F401
+    from jaxreg import data, demons, evaluation, methods, metrics, models, optimize, training, world  # noqa: F401
     from jaxreg.metrics import (  # noqa: F401
         assd,
         dice,
@@ -110,6 +111,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
         tre,
     )
     from jaxreg.optimize import PRESETS, RegisterOptions, Result, register, register_batch  # noqa: F401
+    from jaxreg.world import Registration, register_images  # noqa: F401
 
 __all__ = [
     # spatial: warping and fields
@@ -170,6 +172,9 @@ __all__ = [
     "RegisterOptions",
     "PRESETS",
     "Result",
+    # registration of images in world space (lazy)
+    "register_images",
+    "Registration",
     # modules (spatial, transforms, losses loaded; the others lazy)
     "spatial",
     "transforms",
@@ -182,6 +187,7 @@ __all__ = [
     "training",
     "methods",
     "evaluation",
+    "world",
 ]
 
 

@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxreg import optimize, spatial, transforms
 from jaxreg.data import io, preprocess
@@ -310,13 +311,14 @@ def _mask(mask, image: io.Volume, name: str) -> np.ndarray | None:
     return out
 
 
-def register_images(fixed, moving, *, options: optimize.RegisterOptions | None = None, preset: str | None = None,
+def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: ArrayLike | str | os.PathLike | io.Volume,
+                    *, options: optimize.RegisterOptions | None = None, preset: str | None = None,
                     fixed_mask=None, moving_mask=None, moving_labels=None, normalize: bool = True,
                     callback=None, **overrides) -> Registration:
     """Register ``moving`` onto ``fixed`` in world space; returns a :class:`Registration`.
 
-    fixed, moving: NIfTI paths, nibabel images, ``io.Volume`` or 2-D/3-D arrays (identity affine), on any grids:
-      the moving image keeps its own (module docstring).
+    fixed, moving: NIfTI paths, nibabel images, ``io.Volume`` or ``(*spatial)`` arrays (2-D/3-D, identity
+      affine), on any grids: the moving image keeps its own (module docstring).
     options, preset, overrides: the engine's settings: ``options`` (a ``RegisterOptions``) or ``preset`` (a key of
       ``optimize.PRESETS``; default "default"), with single fields replaced by keyword.
     fixed_mask, moving_mask: masks on their image's grid (> 0 inside). moving_labels: a label map on the moving

@@ -35,6 +35,8 @@ STATIC_POSITIONAL = {
     "bspline_to_disp": {"shape": "output grid; optimize.py calls bspline_to_disp(params, shape, spacing, ...)",
                         "spacing": "control-point spacing (voxels); positional in optimize.py"},
     "matrix_about_centre_to_world": {"shape": "the voxel grid; cli.py calls it with (matrix, shape, affines)"},
+    "register_images": {"fixed": "an image: a NIfTI path, nibabel image or io.Volume as well as an array",
+                        "moving": "an image: a NIfTI path, nibabel image or io.Volume as well as an array"},
 }
 # Functions whose positional array parameters carry no annotation yet: they live in modules outside this API
 # change (optimize.py is being reworked around RegisterOptions). Their images are arrays; only the annotation is

@@ -246,20 +246,22 @@ class Registration:
                 put("affine_ants", "0GenericAffine.mat", lambda p: itk_io.write_affine(p, self.world_matrix))
                 put("affine_itk", "affine.txt", lambda p: itk_io.write_affine(p, self.world_matrix))
                 put("warp_ants", "1Warp.nii.gz",
-                    lambda p: itk_io.write_displacement(p, self.deformable_field, self.fixed.affine))
+                    lambda p: itk_io.write_displacement(p, _as_3d(self.deformable_field), self.fixed.affine))
             if inverse:
                 inv = self.inverse_displacement_field()
                 put("inverse_displacement_mm_ras", "inverse_displacement.nii.gz",
                     lambda p: io.save(p, io.Volume(inv.data, inv.affine, True)))
                 put("inverse_warp_itk", "inverse_warp_itk.nii.gz",
-                    lambda p: itk_io.write_displacement(p, inv.data, inv.affine))
+                    lambda p: itk_io.write_displacement(p, _as_3d(inv.data), inv.affine))
                 put("affine_inverse_itk", "affine_inverse.txt",
                     lambda p: itk_io.write_affine(p, np.linalg.inv(self.world_matrix)))
                 if report is not None:
                     report = {**report, "inverse_consistency": self.inverse_consistency(inv)}
             if l2r is not None:
                 name = itk_io.l2r_name(*l2r)
-                put("learn2reg", name, lambda p: itk_io.write_l2r_displacement(p, self.disp, affine=self.fixed.affine))
+                disp3 = _as_3d(np.concatenate([self.disp, np.zeros(self.disp.shape[:-1] + (3 - self.disp.shape[-1],),
+                                                                     self.disp.dtype)], axis=-1))
+                put("learn2reg", name, lambda p: itk_io.write_l2r_displacement(p, disp3, affine=self.fixed.affine))
             if report is not None:
                 put("report", "report.json", lambda p: io.write_json(p, {**report, "files": dict(files)}))
             os.makedirs(folder, exist_ok=True)
@@ -271,6 +273,11 @@ class Registration:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return files
+
+
+def _as_3d(field: np.ndarray) -> np.ndarray:
+    """A field ``(X, Y, 3)`` of a 2-D image as ``(X, Y, 1, 3)`` (ITK and Learn2Reg files are 3-D)."""
+    return field[:, :, None, :] if field.ndim == 3 else field
 
 
 #: every fixed file name ``Registration.save`` may write (a Learn2Reg file is named after the pair)

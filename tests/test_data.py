@@ -49,6 +49,7 @@ def test_roundtrip_3d_2d_labels(tmp_path, rng):
     assert back.data.dtype == np.float32 and back.shape == (7, 8, 9) and not back.has_channels
     np.testing.assert_array_equal(back.data, img)
     np.testing.assert_allclose(back.affine, aff, atol=1e-5)
+    assert nib.load(tmp_path / "a.nii.gz").header.get_xyzt_units()[0] == "mm"  # spatial units set
 
     aff2 = np.diag([0.7, 1.3, 1.0, 1.0])
     aff2[:2, 3] = [5.0, -3.0]

@@ -114,3 +114,15 @@ def test_cli_refuses_to_overwrite_an_input_and_apply_keeps_label_dtype(reg, tmp_
     code = cli.main(["apply", str(tmp_path / "affine.txt"), str(tmp_path / "labels.nii.gz"), "-o",
                      str(tmp_path / "x.nii.gz")])
     assert code == 2 and "--reference" in capsys.readouterr().err
+
+
+def test_2d_images_save_every_file(tmp_path):
+    p = synthetic.synthetic_pair(0, shape=(32, 32), num_labels=4)
+    affine = np.diag([1.5, 1.5, 1.0, 1.0])
+    reg2 = world.register_images(io.Volume(p["fixed"], affine), io.Volume(p["moving"], affine), preset="fast",
+                                 moving_labels=io.Volume(p["moving_labels"].astype(np.int32), affine))
+    files = reg2.save(tmp_path, inverse=True, l2r=("0001", "0002"))
+    assert set(files.values()) == set(world.FILES) - {"report.json"} | {"disp_0001_0002.nii.gz"}
+    w, _ = itk.read_displacement(tmp_path / "1Warp.nii.gz")
+    assert w.shape == (32, 32, 1, 3)
+    assert _dice(p["fixed_labels"], reg2.warped_labels.data) > _dice(p["fixed_labels"], p["moving_labels"])

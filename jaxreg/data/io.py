@@ -254,6 +254,7 @@ def save(path, volume_or_array, affine=None, *, vector: bool | None = None) -> N
     img = nib.Nifti1Image(data, vol.affine)
     img.set_sform(vol.affine, code=1)
     img.set_qform(vol.affine, code=1)
+    img.header.set_xyzt_units("mm")  # the affine is in millimetres
     if vol.has_channels and vol.data.shape[-1] == vol.ndim:
         img.header.set_intent("vector", (), name="displacement")
     atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -9,8 +9,9 @@ T2W -> FLAIR (reference: ``studyK_{T1W,T2W}_intrastudy_to_FLAIR.txt``, FLAIR -> 
 world points to moving world points (RAS mm). Measure: the mean (and 95th percentile, max) distance in mm between the
 points that the found affine and the reference map each voxel of the fixed image's head to (head: voxels above 10 %
 of the image's 99th percentile, dilated); the identity's distance beside it. jaxreg runs ``jaxreg.world.
-register_images`` with no initial transform (centre-of-mass start) and the parametric stage only (affine, and rigid:
-both parametrised in millimetres), local NCC for the mono-modal pair, mutual information for the multimodal ones. ANTsPy's and elastix's affine registrations run in the
+register_images`` with no initial transform (centre-of-mass start) and the parametric stage only (``VARIANTS``: the
+"affine" preset's levels 4-2 with an affine or a rigid transform, both parametrised in millimetres, and rigid with a
+full-resolution level), local NCC for the mono-modal pair, mutual information for the multimodal ones. ANTsPy's and elastix's affine registrations run in the
 same script when ``ants`` / ``itk`` import (peers; see benchmarks/README.md).
 """
 from __future__ import annotations
@@ -62,12 +63,20 @@ def distance(found, reference, points) -> dict:
     return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "max_mm": float(d.max())}
 
 
-def run_jaxreg(fixed, moving, multimodal, transform):
+#: jaxreg variants: name -> register_images options on top of the "affine" preset
+VARIANTS = {
+    "jaxreg affine": dict(transform="affine"),
+    "jaxreg rigid": dict(transform="rigid"),
+    "jaxreg rigid, levels 4-2-1": dict(transform="rigid", affine_levels=(4, 2, 1), affine_iterations=(100, 50, 30)),
+}
+
+
+def run_jaxreg(fixed, moving, multimodal, variant):
     from jaxreg import world
 
     overrides = {"metric": "mi", "metric_options": {"bins": 32}} if multimodal else {}
     t0 = time.perf_counter()
-    reg = world.register_images(fixed, moving, preset="affine", transform=transform, **overrides)
+    reg = world.register_images(fixed, moving, preset="affine", **VARIANTS[variant], **overrides)
     return reg.world_matrix, time.perf_counter() - t0
 
 
@@ -143,20 +152,19 @@ def main(argv=None):
         row = {"pair": name, "fixed_shape": list(fixed.shape), "fixed_spacing_mm": fixed.spacing.round(3).tolist(),
                "moving_shape": list(moving.shape), "moving_spacing_mm": moving.spacing.round(3).tolist(),
                "identity": distance(np.eye(4), reference, points)}
-        for transform in ("affine", "rigid"):
+        for variant in VARIANTS:
             seconds = []
             for _ in range(args.repeats):
-                found, s = run_jaxreg(fixed, moving, multimodal, transform)
+                found, s = run_jaxreg(fixed, moving, multimodal, variant)
                 seconds.append(s)
-            row[f"jaxreg {transform}"] = {**distance(found, reference, points), "seconds": seconds,
-                                          "matrix": found.tolist()}
+            row[variant] = {**distance(found, reference, points), "seconds": seconds, "matrix": found.tolist()}
         for peer, fn in peers.items():
             found, s = fn(fixed_path, moving_path, multimodal)
             row[peer] = {**distance(found, reference, points), "seconds": [s]}
         rows.append(row)
         print(f"{name}: identity {row['identity']['mean_mm']:.2f} mm"
               + "".join(f", {k} {row[k]['mean_mm']:.2f} mm in {min(row[k]['seconds']):.1f} s"
-                        for k in ("jaxreg affine", "jaxreg rigid", *peers)), flush=True)
+                        for k in (*VARIANTS, *peers)), flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {"command": "python benchmarks/bench_world.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
               "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -1,15 +1,16 @@
 """The ``jaxreg`` command: register NIfTI images, apply saved transforms, run the demo.
 
     jaxreg register FIXED MOVING -o OUTDIR [options]   register MOVING onto FIXED, write results to OUTDIR
-    jaxreg apply OUTDIR IMAGE -o OUT [--labels]          warp another image (on any grid) with a saved result
+    jaxreg apply OUTDIR IMAGE -o OUT                     pull another image (any grid) through a saved result
+    jaxreg apply AFFINE.txt IMAGE -o OUT --reference F   ... or through an ITK/ANTs affine file
     jaxreg demo -o OUTDIR                                make a brain pair from the embedded data and register it
 
-Results lie on the fixed image's grid with its affine. OUTDIR receives ``warped.nii.gz``, ``displacement.nii.gz``
-(a NIfTI vector image: displacement in mm, RAS world axes, pull convention: the moving point for fixed point x is
-x + d(x); negate the first two components for ITK/ANTs' LPS), ``affine.json`` (4×4 world matrix mapping fixed world
-points to moving world points, the parametric stage only), ``report.json`` (options, times, Jacobian statistics,
-Dice when labels are given) and, with ``--moving-labels``, ``warped_labels.nii.gz``. Files are written to a staging
-folder and moved into OUTDIR only once everything succeeded.
+A thin layer on ``jaxreg.world.register_images`` and ``Registration.save`` (their docstrings list the files and
+conventions): registration in world space with the moving image on its own grid, results on the fixed grid with its
+affine, world transforms as jaxreg files (``displacement.nii.gz``: the whole map; ``affine.json``) and as ITK/ANTs
+files (``0GenericAffine.mat``, ``affine.txt``, ``1Warp.nii.gz``), ``report.json`` (options, times, Jacobian
+statistics, Dice when labels are given). Files are written to a staging folder and moved into OUTDIR only once
+everything succeeded; an earlier run's files that this run does not write are removed.
 """
 from __future__ import annotations
 
@@ -412,7 +413,8 @@ def _summary(report, output):
     if report.get("mean_dice") is not None:
         line += f"; mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f}"
     print(line)
-    print(f"wrote {', '.join(sorted(report['files'].values()))} and report.json to {output}")
+    names = sorted(name for name in report["files"].values() if name != "report.json")
+    print(f"wrote {', '.join(names)} and report.json to {output}")
 
 
 if __name__ == "__main__":

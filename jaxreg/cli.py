@@ -258,12 +258,12 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     t_start = time.perf_counter()
     inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
                                            moving_mask) if p}
-    reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
-                                fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
-                                callback=_progress(quiet))
     clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in world.FILES})
     if clash:
         raise ValueError(f"-o {output} would overwrite the input {clash[0]}: choose another output folder")
+    reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
+                                fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
+                                callback=_progress(quiet))
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {

@@ -233,18 +233,31 @@ def _options_json(opts: optimize.RegisterOptions) -> dict:
 
 
 def _progress(quiet):
+    """A level callback: a tqdm bar per level on a terminal, else one plain line per level (clean logs). Each level
+    is one compiled loop, so its line is written when the level returns."""
     if quiet:
         return None
-    from tqdm import tqdm
+    last = [time.perf_counter()]
 
-    def callback(name, history):
+    def plain(name, history):
         h = np.asarray(history)
         h = h[~np.isnan(h)]
-        # each level is one compiled loop: the bar is drawn once it returns
-        with tqdm(total=len(h), initial=len(h), desc=f"{name:>14}", unit="it", file=sys.stderr) as bar:
+        now = time.perf_counter()
+        loss = f", loss {h[-1]:.4f}" if len(h) else ""
+        print(f"{name}: {len(h)} iterations{loss}, {now - last[0]:.1f} s", file=sys.stderr, flush=True)
+        last[0] = now
+
+    if not sys.stderr.isatty():
+        return plain
+    from tqdm import tqdm
+
+    def bar(name, history):
+        h = np.asarray(history)
+        h = h[~np.isnan(h)]
+        with tqdm(total=len(h), initial=len(h), desc=f"{name:>14}", unit="it", file=sys.stderr) as b:
             if len(h):
-                bar.set_postfix(loss=f"{h[-1]:.4f}")
-    return callback
+                b.set_postfix(loss=f"{h[-1]:.4f}")
+    return bar
 
 
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,

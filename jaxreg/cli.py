@@ -334,21 +334,11 @@ def run_apply(transform, image_path, output, *, labels=None, reference=None):
         fixed = io.load(reference)
         disp = world.affine_displacement(world_matrix, fixed)
         matrix = np.eye(fixed.ndim + 1)
-    image = io.load(image_path, dtype=np.float64)
     if labels is None:
-        labels = bool(np.all(np.asarray(image.data) == np.round(image.data))) and _integer_file(image_path)
+        labels = world.stores_integers(image_path)
+    image = io.load_labels(image_path) if labels else io.load(image_path)
     reg = world.Registration(fixed, image, optimize.PRESETS["default"], matrix, np.asarray(disp, np.float32))
-    io.save(output, reg.apply(io.Volume(image.data.astype(np.int32 if labels else np.float32), image.affine,
-                                        image.has_channels), labels=labels))
-
-
-def _integer_file(path) -> bool:
-    """Whether a NIfTI file stores integers (its on-disk dtype, without scaling)."""
-    import nibabel as nib
-
-    img = nib.load(os.fspath(path))
-    slope, _ = img.header.get_slope_inter()
-    return np.issubdtype(img.get_data_dtype(), np.integer) and slope in (None, 1.0)
+    io.save(output, reg.apply(image, labels=labels))
 
 
 def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> dict:

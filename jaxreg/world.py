@@ -55,6 +55,18 @@ def as_volume(image, name: str, *, labels: bool = False) -> io.Volume:
     return io.Volume(array.astype(np.int32 if labels else np.float32), np.eye(4))
 
 
+def stores_integers(path) -> bool:
+    """Whether a NIfTI file stores integers (its on-disk type, unscaled): a label map, for ``apply``."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(os.fspath(path))
+    except Exception as err:  # nibabel raises many types
+        raise ValueError(f"could not read NIfTI file {os.fspath(path)}: {type(err).__name__}: {err}") from err
+    slope, _ = img.header.get_slope_inter()
+    return bool(np.issubdtype(img.get_data_dtype(), np.integer) and slope in (None, 1.0))
+
+
 def grid_of(fixed: io.Volume, moving: io.Volume) -> np.ndarray:
     """``(ndim+1, ndim+1)`` float64 homogeneous map from fixed voxel indices to moving voxel indices."""
     return preprocess.index_map(moving.affine, fixed.affine, fixed.ndim)
@@ -139,6 +151,8 @@ class Registration:
         onto the fixed grid through the transform, interpolated once: linear, or nearest neighbour for label maps
         (``labels``; default: integer data are labels). Returns an ``io.Volume`` with the fixed affine; label maps
         keep an integer dtype."""
+        if labels is None and isinstance(image, (str, os.PathLike)):
+            labels = stores_integers(image)
         vol = as_volume(image, "image", labels=bool(labels))
         if labels is None:
             labels = np.issubdtype(np.asarray(vol.data).dtype, np.integer)

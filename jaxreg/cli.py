@@ -159,6 +159,8 @@ def _register_options(r):
     r.add_argument("--fixed-labels", help="fixed label map: Dice per label is reported")
     r.add_argument("--no-normalize", action="store_true", help="skip robust [0.5, 99.5] percentile scaling")
     r.add_argument("--seed", type=int, default=0, help="seed (kept in the report; the engine is deterministic)")
+    r.add_argument("--initial-affine", metavar="FILE",
+                   help="start from this ITK/ANTs affine (.txt/.tfm/.mat, fixed -> moving); the result includes it")
     r.add_argument("--inverse", action="store_true", help="also write the inverse transform (moving -> fixed) and "
                                                            "its inverse-consistency error in report.json")
     r.add_argument("--l2r", nargs=2, metavar=("FIXED_ID", "MOVING_ID"),
@@ -262,7 +264,7 @@ def _progress(quiet):
 
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
                  fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
-                 inverse=False, l2r=None) -> dict:
+                 inverse=False, l2r=None, initial_affine=None) -> dict:
     """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
     the results with ``Registration.save``; returns the report dict."""
     from jaxreg import metrics, spatial, world
@@ -270,13 +272,13 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
 
     t_start = time.perf_counter()
     inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
-                                           moving_mask) if p}
+                                           moving_mask, initial_affine) if p}
     clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in world.FILES})
     if clash:
         raise ValueError(f"-o {output} would overwrite the input {clash[0]}: choose another output folder")
     reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
                                 fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
-                                callback=_progress(quiet))
+                                initial_affine=initial_affine, callback=_progress(quiet))
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {
@@ -299,7 +301,8 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
                              f"{reg.fixed.shape}")
         if reg.warped_labels is not None:
             dice = metrics.dice(labels_f.data, reg.warped_labels.data)
-            unmoved = dataclasses.replace(reg, matrix=np.eye(reg.fixed.ndim + 1), disp=np.zeros_like(reg.disp))
+            unmoved = dataclasses.replace(reg, matrix=np.eye(reg.fixed.ndim + 1), disp=np.zeros_like(reg.disp),
+                                          initial=np.eye(4))
             before = metrics.dice(labels_f.data, unmoved.warped_labels.data)  # world space, no registration
             report["dice"] = {str(k): v for k, v in dice.items()}
             report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
@@ -393,7 +396,8 @@ def main(argv=None) -> int:
             report = run_register(args.fixed, args.moving, args.output, opts, moving_labels=args.moving_labels,
                                   fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
                                   moving_mask=args.moving_mask, normalize=not args.no_normalize, quiet=args.quiet,
-                                  seed=args.seed, inverse=args.inverse, l2r=args.l2r)
+                                  seed=args.seed, inverse=args.inverse, l2r=args.l2r,
+                                  initial_affine=args.initial_affine)
             _summary(report, args.output)
         elif args.command == "apply":
             run_apply(args.transform, args.image, args.output, labels=args.labels, reference=args.reference)

@@ -67,9 +67,11 @@ def stores_integers(path) -> bool:
     return bool(np.issubdtype(img.get_data_dtype(), np.integer) and slope in (None, 1.0))
 
 
-def grid_of(fixed: io.Volume, moving: io.Volume) -> np.ndarray:
-    """``(ndim+1, ndim+1)`` float64 homogeneous map from fixed voxel indices to moving voxel indices."""
-    return preprocess.index_map(moving.affine, fixed.affine, fixed.ndim)
+def grid_of(fixed: io.Volume, moving: io.Volume, initial=None) -> np.ndarray:
+    """``(ndim+1, ndim+1)`` float64 homogeneous map from fixed voxel indices to moving voxel indices, through the
+    world matrix ``initial`` (``(4, 4)`` RAS, fixed world -> moving world; identity when None)."""
+    ref = fixed.affine if initial is None else np.asarray(initial, np.float64) @ fixed.affine
+    return preprocess.index_map(moving.affine, ref, fixed.ndim)
 
 
 def _centred(matrix: np.ndarray, shape) -> np.ndarray:
@@ -109,6 +111,8 @@ class Registration:
       disp: ``(*S_fixed, ndim)`` float32, the whole transform as a fixed-grid voxel displacement (``y(x) - x``).
       moving_labels: the moving label map (``io.Volume``) when one was given.
       seconds: wall time per stage and level, and in total; history: the loss per iteration per level.
+      initial: ``(4, 4)`` RAS world matrix the registration started from (e.g. an ITK affine file), applied after
+        the found transform: ``T = initial ∘ A_f y A_f^-1`` (identity when none was given).
     """
 
     fixed: io.Volume
@@ -119,17 +123,19 @@ class Registration:
     moving_labels: io.Volume | None = None
     seconds: dict = dataclasses.field(default_factory=dict)
     history: dict = dataclasses.field(default_factory=dict)
+    initial: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
 
     @property
     def grid(self) -> np.ndarray:
-        """Fixed voxel -> moving voxel map (homogeneous, float64)."""
-        return grid_of(self.fixed, self.moving)
+        """Fixed voxel -> moving voxel map (homogeneous, float64), ``initial`` included."""
+        return grid_of(self.fixed, self.moving, self.initial)
 
     @property
     def world_matrix(self) -> np.ndarray:
-        """``(4, 4)`` RAS mm: the parametric stage as a map from fixed world points to moving world points."""
+        """``(4, 4)`` RAS mm: the parametric stage (after ``initial``) as a map from fixed world points to moving world
+        points."""
         affine = self.fixed.affine
-        return affine @ _embed(_centred(self.matrix, self.fixed.shape)) @ np.linalg.inv(affine)
+        return self.initial @ affine @ _embed(_centred(self.matrix, self.fixed.shape)) @ np.linalg.inv(affine)
 
     @property
     def deformable_field(self) -> np.ndarray:
@@ -142,9 +148,17 @@ class Registration:
         return _to_world(u, self.fixed.affine)
 
     @property
+    def total_disp(self) -> np.ndarray:
+        """``(*S_fixed, ndim)`` float32: the whole map ``T`` (``initial`` included) as a fixed-grid voxel
+        displacement, ``A_f (x + total_disp(x)) = T(A_f x)``."""
+        if np.allclose(self.initial, np.eye(4)):
+            return self.disp
+        return (self.disp + affine_displacement(self.initial, self.fixed, points=self.disp)).astype(np.float32)
+
+    @property
     def displacement_field(self) -> np.ndarray:
         """``(*S_fixed, 3)`` RAS mm on the fixed grid: the whole map as one field, ``T(p) - p``."""
-        return _to_world(self.disp, self.fixed.affine)
+        return _to_world(self.total_disp, self.fixed.affine)
 
     def apply(self, image, *, labels: bool | None = None) -> io.Volume:
         """``image`` (a path, nibabel image, Volume or array in the moving image's world space, on any grid) pulled
@@ -158,7 +172,7 @@ class Registration:
             labels = np.issubdtype(np.asarray(vol.data).dtype, np.integer)
         if vol.ndim != self.fixed.ndim or vol.has_channels:
             raise ValueError(f"apply: expected a single-channel {self.fixed.ndim}-D image, got shape {vol.data.shape}")
-        grid = jnp.asarray(grid_of(self.fixed, vol), jnp.float32)
+        grid = jnp.asarray(grid_of(self.fixed, vol, self.initial), jnp.float32)
         disp = jnp.asarray(self.disp, jnp.float32)
         out = np.asarray(_pull(jnp.asarray(vol.data, jnp.float32), disp, grid, 0 if labels else 1))
         if labels:
@@ -189,7 +203,7 @@ class Registration:
         u = u[..., :nd].astype(np.float32)
         u_inv = transforms.invert_disp(jnp.asarray(u), iterations=iterations)
         v = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.moving.shape], indexing="ij"), -1)
-        to_fixed = np.linalg.inv(mc) @ np.linalg.inv(grid_of(self.fixed, self.moving))  # moving voxel -> M_c^-1 y
+        to_fixed = np.linalg.inv(mc) @ np.linalg.inv(self.grid)  # moving voxel -> M_c^-1 y
         z = v @ to_fixed[:nd, :nd].T + to_fixed[:nd, nd]
         x = z + np.asarray(spatial.sample(u_inv, jnp.asarray(z, jnp.float32), mode="nearest"), np.float64)
         q = v @ self.moving.affine[:3, :nd].T + self.moving.affine[:3, 3]
@@ -206,7 +220,7 @@ class Registration:
         p = q + inverse.data.astype(np.float64)
         x = (p - self.fixed.affine[:3, 3]) @ np.linalg.pinv(self.fixed.affine[:3, :nd]).T  # fixed voxels
         inside = np.all((x >= 0) & (x <= np.asarray(self.fixed.shape) - 1), axis=-1)
-        d = np.asarray(spatial.sample(jnp.asarray(self.disp, jnp.float32), jnp.asarray(x, jnp.float32),
+        d = np.asarray(spatial.sample(jnp.asarray(self.total_disp, jnp.float32), jnp.asarray(x, jnp.float32),
                                       mode="nearest"), np.float64)
         back = (x + d) @ self.fixed.affine[:3, :nd].T + self.fixed.affine[:3, 3]  # T(p) in world
         err = np.linalg.norm(back - q, axis=-1)[inside]
@@ -254,7 +268,7 @@ class Registration:
             if self.warped_labels is not None:
                 put("warped_labels", "warped_labels.nii.gz", lambda p: io.save(p, self.warped_labels))
             put("displacement_mm_ras", "displacement.nii.gz",
-                lambda p: io.save_displacement(p, self.disp, self.fixed.affine))
+                lambda p: io.save_displacement(p, self.total_disp, self.fixed.affine))
             put("affine_world", "affine.json", lambda p: io.save_matrix(p, self.world_matrix))
             if itk:
                 put("affine_ants", "0GenericAffine.mat", lambda p: itk_io.write_affine(p, self.world_matrix))
@@ -273,8 +287,9 @@ class Registration:
                     report = {**report, "inverse_consistency": self.inverse_consistency(inv)}
             if l2r is not None:
                 name = itk_io.l2r_name(*l2r)
-                disp3 = _as_3d(np.concatenate([self.disp, np.zeros(self.disp.shape[:-1] + (3 - self.disp.shape[-1],),
-                                                                     self.disp.dtype)], axis=-1))
+                total = self.total_disp
+                disp3 = _as_3d(np.concatenate([total, np.zeros(total.shape[:-1] + (3 - total.shape[-1],),
+                                                               total.dtype)], axis=-1))
                 put("learn2reg", name, lambda p: itk_io.write_l2r_displacement(p, disp3, affine=self.fixed.affine))
             if report is not None:
                 put("report", "report.json", lambda p: io.write_json(p, {**report, "files": dict(files)}))
@@ -305,9 +320,11 @@ def _pull(image, disp, grid, order):
     return optimize.pull(image, disp, grid, order=order)
 
 
-def affine_displacement(world_matrix, fixed: io.Volume) -> np.ndarray:
+def affine_displacement(world_matrix, fixed: io.Volume, *, points=None) -> np.ndarray:
     """A world matrix (``(4, 4)`` RAS mm, fixed world -> moving world) as a fixed-grid voxel displacement
-    ``(*S_fixed, ndim)`` float32, ``A_f (x + disp(x)) = world_matrix A_f x`` (for ``Registration(disp=...)``)."""
+    ``(*S_fixed, ndim)`` float32, ``A_f (x + disp(x)) = world_matrix A_f x`` (for ``Registration(disp=...)``);
+    with ``points`` (a voxel displacement ``(*S_fixed, ndim)``) the matrix acts on ``x + points(x)`` instead, and the
+    result is what it adds there."""
     nd = fixed.ndim
     vox = np.linalg.inv(fixed.affine) @ np.asarray(world_matrix, np.float64) @ fixed.affine
     if nd == 2 and not np.allclose(vox[2, [0, 1, 3]], 0.0, atol=1e-6):
@@ -315,6 +332,8 @@ def affine_displacement(world_matrix, fixed: io.Volume) -> np.ndarray:
     keep = list(range(nd)) + [3]
     vox = vox[np.ix_(keep, keep)]
     x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij"), -1)
+    if points is not None:
+        x = x + np.asarray(points, np.float64)
     return (x @ vox[:nd, :nd].T + vox[:nd, nd] - x).astype(np.float32)
 
 
@@ -335,7 +354,7 @@ def _mask(mask, image: io.Volume, name: str) -> np.ndarray | None:
 def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: ArrayLike | str | os.PathLike | io.Volume,
                     *, options: optimize.RegisterOptions | None = None, preset: str | None = None,
                     fixed_mask=None, moving_mask=None, moving_labels=None, normalize: bool = True,
-                    callback=None, **overrides) -> Registration:
+                    initial_affine=None, callback=None, **overrides) -> Registration:
     """Register ``moving`` onto ``fixed`` in world space; returns a :class:`Registration`.
 
     fixed, moving: NIfTI paths, nibabel images, ``io.Volume`` or ``(*spatial)`` arrays (2-D/3-D, identity
@@ -346,6 +365,9 @@ def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: Ar
       grid, carried to the fixed grid as ``warped_labels``.
     normalize: robust [0.5, 99.5] percentile scaling of each image to [0, 1] before registering (the results keep
       the original intensities).
+    initial_affine: a starting transform, ``(4, 4)`` RAS world matrix fixed -> moving or an ITK/ANTs affine file
+      (``jaxreg.data.itk.read_affine``); the registration refines it (``Registration.initial``) and starts there
+      instead of from the centres of mass.
     callback: ``callback(stage_level_name, loss_history)`` after each level.
     """
     if options is not None and preset is not None:
@@ -374,7 +396,18 @@ def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: Ar
         if np.ptp(img) == 0:
             raise ValueError(f"{name}: the image is constant")
     opts = optimize.with_overrides(options, overrides)  # checked before anything is read into the engine
-    grid = grid_of(fixed_vol, moving_vol)
+    initial = np.eye(4)
+    if initial_affine is not None:
+        if isinstance(initial_affine, (str, os.PathLike)):
+            from jaxreg.data import itk
+
+            initial = itk.read_affine(initial_affine)
+        else:
+            initial = np.asarray(initial_affine, np.float64)
+            if initial.shape != (4, 4) or not np.isfinite(initial).all() or abs(np.linalg.det(initial)) < 1e-12:
+                raise ValueError(f"initial_affine must be a finite, invertible (4, 4) world matrix, got {initial!r}")
+        opts = dataclasses.replace(opts, init=None)  # the given start replaces the centre-of-mass one
+    grid = grid_of(fixed_vol, moving_vol, initial)
     result = optimize.register(f, m, options=opts, moving_grid=grid, spacing=fixed_vol.spacing,
                                fixed_mask=_mask(fixed_mask, fixed_vol, "fixed_mask"),
                                moving_mask=_mask(moving_mask, moving_vol, "moving_mask"),
@@ -382,4 +415,4 @@ def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: Ar
     disp = np.asarray(jax.block_until_ready(result.disp), np.float32)
     seconds = {**{k: float(v) for k, v in result.seconds.items()}, "total": time.perf_counter() - t0}
     return Registration(fixed_vol, moving_vol, opts, np.asarray(result.matrix, np.float64), disp, labels, seconds,
-                        {k: np.asarray(v) for k, v in result.history.items()})
+                        {k: np.asarray(v) for k, v in result.history.items()}, initial)

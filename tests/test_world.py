@@ -126,3 +126,39 @@ def test_2d_images_save_every_file(tmp_path):
     w, _ = itk.read_displacement(tmp_path / "1Warp.nii.gz")
     assert w.shape == (32, 32, 1, 3)
     assert _dice(p["fixed_labels"], reg2.warped_labels.data) > _dice(p["fixed_labels"], p["moving_labels"])
+
+
+def test_an_initial_itk_affine_is_refined_and_included_in_every_output(reg, tmp_path):
+    out, p = reg
+    itk.write_affine(tmp_path / "start.txt", out.world_matrix)  # a good start from another tool
+    again = world.register_images(out.fixed, out.moving, preset="fast", moving_labels=out.moving_labels,
+                                  initial_affine=tmp_path / "start.txt")
+    np.testing.assert_allclose(again.initial, out.world_matrix, atol=1e-4)
+    assert _dice(p["fixed_labels"], again.warped_labels.data) > 0.9
+    # the outputs carry the whole map: the chain M (p + w(p)) still equals the displacement field, and a Registration
+    # with the start alone moves the labels as the start does
+    np.testing.assert_allclose(itk.compose_world(again.world_matrix, again.deformable_field, again.fixed.affine),
+                               again.displacement_field, atol=1e-3)
+    start_only = world.Registration(out.fixed, out.moving, out.options, np.eye(4), np.zeros_like(out.disp),
+                                    initial=out.world_matrix)
+    affine_only = world.Registration(out.fixed, out.moving, out.options, np.eye(4),
+                                     world.affine_displacement(out.world_matrix, out.fixed))
+    np.testing.assert_array_equal(start_only.apply(out.moving_labels).data, affine_only.apply(out.moving_labels).data)
+    with pytest.raises(ValueError, match="initial_affine"):
+        world.register_images(out.fixed, out.moving, initial_affine=np.zeros((4, 4)))
+
+
+def test_cli_initial_affine(reg, tmp_path, capsys):
+    out, p = reg
+    io.save(tmp_path / "fixed.nii.gz", out.fixed)
+    io.save(tmp_path / "moving.nii.gz", out.moving)
+    itk.write_affine(tmp_path / "start.mat", out.world_matrix)
+    code = cli.main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o",
+                     str(tmp_path / "out"), "--preset", "affine", "--affine-levels", "2", "--affine-iterations", "3",
+                     "--initial-affine", str(tmp_path / "start.mat"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    found = itk.read_affine(tmp_path / "out" / "0GenericAffine.mat")
+    assert np.abs(found - out.world_matrix).max() < 2.0  # 3 iterations from the start stay near it
+    code = cli.main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o",
+                     str(tmp_path / "out2"), "--initial-affine", str(tmp_path / "missing.txt"), "--quiet"])
+    assert code == 2 and "missing.txt" in capsys.readouterr().err

@@ -19,7 +19,9 @@ centre; ``disp = y - x``. In world coordinates the map from a fixed world point 
 
 with ``M_c'`` the centre-relative matrix written about voxel 0 and ``L_f`` the fixed affine's linear part: the
 deformable part first, then the affine, the order in which ANTs chains ``-t 1Warp.nii.gz -t 0GenericAffine.mat``.
-``displacement_field`` is the whole map as one field, ``T(p) - p`` (RAS mm on the fixed grid).
+``displacement_field`` is the whole map as one field, ``T(p) - p`` (RAS mm on the fixed grid). A registration
+started from another tool's affine ``M0`` (``initial_affine``) finds ``y`` on top of it: ``T = M0 ∘ A_f y A_f^-1``,
+and ``M`` above includes ``M0``.
 """
 from __future__ import annotations
 
@@ -108,7 +110,8 @@ class Registration:
       fixed, moving: the images as registered (``io.Volume``; the moving image on its own grid).
       options: the engine's ``RegisterOptions``.
       matrix: ``(ndim+1, ndim+1)`` the parametric stage in fixed voxels, about the fixed grid centre.
-      disp: ``(*S_fixed, ndim)`` float32, the whole transform as a fixed-grid voxel displacement (``y(x) - x``).
+      disp: ``(*S_fixed, ndim)`` float32, the found transform as a fixed-grid voxel displacement (``y(x) - x``;
+        the whole map, ``initial`` included, is ``total_disp``).
       moving_labels: the moving label map (``io.Volume``) when one was given.
       seconds: wall time per stage and level, and in total; history: the loss per iteration per level.
       initial: ``(4, 4)`` RAS world matrix the registration started from (e.g. an ITK affine file), applied after

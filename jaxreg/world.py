@@ -87,13 +87,9 @@ def _centred(matrix: np.ndarray, shape) -> np.ndarray:
     return unshift @ np.asarray(matrix, np.float64) @ shift
 
 
-def _embed(m: np.ndarray) -> np.ndarray:
-    """A 2-D homogeneous ``(3, 3)`` matrix as ``(4, 4)`` (z unchanged); ``(4, 4)`` as it is."""
-    if m.shape == (4, 4):
-        return m
-    out = np.eye(4)
-    out[:2, :2], out[:2, 3] = m[:2, :2], m[:2, 2]
-    return out
+def _voxels(shape) -> np.ndarray:
+    """Host float64 voxel coordinates of a grid, ``(*shape, ndim)`` with ``x[i] = i``."""
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
 
 
 def _to_world(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -138,14 +134,14 @@ class Registration:
         """``(4, 4)`` RAS mm: the parametric stage (after ``initial``) as a map from fixed world points to moving world
         points."""
         affine = self.fixed.affine
-        return self.initial @ affine @ _embed(_centred(self.matrix, self.fixed.shape)) @ np.linalg.inv(affine)
+        return self.initial @ transforms.matrix_about_centre_to_world(self.matrix, self.fixed.shape, affine, affine)
 
     @property
     def deformable_field(self) -> np.ndarray:
         """``(*S_fixed, 3)`` RAS mm on the fixed grid: the deformable part ``w``, ``T(p) = M (p + w(p))``."""
         nd = self.fixed.ndim
         inv = np.linalg.inv(_centred(self.matrix, self.fixed.shape))
-        x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.fixed.shape], indexing="ij"), -1)
+        x = _voxels(self.fixed.shape)
         y = x + self.disp.astype(np.float64)
         u = y @ inv[:nd, :nd].T + inv[:nd, nd] - x  # x + u(x) = M_c^-1 y(x)
         return _to_world(u, self.fixed.affine)
@@ -205,7 +201,7 @@ class Registration:
         u = self.deformable_field @ np.linalg.inv(self.fixed.affine[:3, :3]).T  # back to fixed voxels (3 comps)
         u = u[..., :nd].astype(np.float32)
         u_inv = transforms.invert_disp(jnp.asarray(u), iterations=iterations)
-        v = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.moving.shape], indexing="ij"), -1)
+        v = _voxels(self.moving.shape)
         to_fixed = np.linalg.inv(mc) @ np.linalg.inv(self.grid)  # moving voxel -> M_c^-1 y
         z = v @ to_fixed[:nd, :nd].T + to_fixed[:nd, nd]
         x = z + np.asarray(spatial.sample(u_inv, jnp.asarray(z, jnp.float32), mode="nearest"), np.float64)
@@ -218,7 +214,7 @@ class Registration:
         ``{"mean_mm", "p95_mm", "max_mm", "fraction_inside"}``."""
         inverse = self.inverse_displacement_field() if inverse is None else inverse
         nd = self.fixed.ndim
-        v = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.moving.shape], indexing="ij"), -1)
+        v = _voxels(self.moving.shape)
         q = v @ self.moving.affine[:3, :nd].T + self.moving.affine[:3, 3]
         p = q + inverse.data.astype(np.float64)
         x = (p - self.fixed.affine[:3, 3]) @ np.linalg.pinv(self.fixed.affine[:3, :nd]).T  # fixed voxels
@@ -334,7 +330,7 @@ def affine_displacement(world_matrix, fixed: io.Volume, *, points=None) -> np.nd
         raise ValueError("the affine moves points out of the 2-D fixed image's plane")
     keep = list(range(nd)) + [3]
     vox = vox[np.ix_(keep, keep)]
-    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij"), -1)
+    x = _voxels(fixed.shape)
     if points is not None:
         x = x + np.asarray(points, np.float64)
     return (x @ vox[:nd, :nd].T + vox[:nd, nd] - x).astype(np.float32)

@@ -235,10 +235,10 @@ def _options_json(opts: optimize.RegisterOptions) -> dict:
 
 
 def _progress(quiet):
-    """A level callback: a tqdm bar per level on a terminal, else one plain line per level (clean logs). Each level
-    is one compiled loop, so its line is written when the level returns."""
+    """``(callback, progress)`` for ``register_images``: on a terminal a tqdm bar per level that advances every
+    ``optimize.PROGRESS_EVERY`` iterations (loss, elapsed time); else one plain line per level as it ends (clean logs)."""
     if quiet:
-        return None
+        return None, None
     last = [time.perf_counter()]
 
     def plain(name, history):
@@ -250,16 +250,26 @@ def _progress(quiet):
         last[0] = now
 
     if not sys.stderr.isatty():
-        return plain
+        return plain, None
     from tqdm import tqdm
 
-    def bar(name, history):
+    bars = {}
+
+    def progress(name, iteration, total, loss):
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=f"{name:>14}", unit="it", file=sys.stderr)
+        bars[name].update(iteration - bars[name].n)
+        bars[name].set_postfix(loss=f"{loss:.4f}")
+
+    def done(name, history):
         h = np.asarray(history)
         h = h[~np.isnan(h)]
-        with tqdm(total=len(h), initial=len(h), desc=f"{name:>14}", unit="it", file=sys.stderr) as b:
-            if len(h):
-                b.set_postfix(loss=f"{h[-1]:.4f}")
-    return bar
+        bar = bars.pop(name, None) or tqdm(total=len(h), desc=f"{name:>14}", unit="it", file=sys.stderr)
+        bar.update(len(h) - bar.n)
+        if len(h):
+            bar.set_postfix(loss=f"{h[-1]:.4f}")
+        bar.close()
+    return done, progress
 
 
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
@@ -276,9 +286,10 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in world.FILES})
     if clash:
         raise ValueError(f"-o {output} would overwrite the input {clash[0]}: choose another output folder")
+    callback, progress = _progress(quiet)
     reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
                                 fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
-                                initial_affine=initial_affine, callback=_progress(quiet))
+                                initial_affine=initial_affine, callback=callback, progress=progress)
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {

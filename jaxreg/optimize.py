@@ -50,6 +50,8 @@ DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
 OPTIMIZERS = ("adam", "sgd")
 #: a pyramid level keeps at least this many voxels along every axis (or the whole axis when it is shorter)
 MIN_LEVEL_SIZE = 4
+#: with ``register(progress=...)`` a level's compiled loop runs this many iterations per call, reporting between
+PROGRESS_EVERY = 10
 
 
 def _elapsed(t0: float, result) -> float:
@@ -304,7 +306,7 @@ def _field(params, base, *, cfg):
     field is a velocity and ``u = exp(base + ...)``.
     """
     shape = base.shape[:-1]
-    if cfg.model == "diffeo":  # params is the whole displacement, updated by composition (see _run_level)
+    if cfg.model == "diffeo":  # params is the whole displacement, updated by composition (see _level_steps)
         return params, params
     if cfg.model == "bspline":
         return base + transforms.bspline_to_disp(params, shape, cfg.spacing, grid_shape=cfg.grid_shape), None
@@ -402,17 +404,22 @@ def _rescale_matrix(matrix, d):
     return matrix.at[..., :ndim, :ndim].multiply(ratio).at[..., :ndim, ndim].multiply(d)
 
 
-def _run_level(params, data, cfg: _Level):
-    """Optimise ``params`` with ``cfg.optimizer`` until convergence; returns (params, loss history (max_iter,))."""
+def _level_start(params, cfg: _Level):
+    """The loop state of a level before its first iteration: ``(i, params, opt_state, history, done)``."""
+    history = jnp.full((cfg.max_iter,), jnp.nan, dtype=jnp.float32)
+    return jnp.int32(0), params, cfg.optimizer.init(params), history, jnp.array(False)
+
+
+def _level_steps(state, data, stop, cfg: _Level):
+    """Continue a level's optax loop from ``state`` until iteration ``stop`` (a traced int: every chunk of a level
+    is the same program) or convergence: the loss improved by less than ``cfg.tol`` (relative) over the last
+    ``cfg.window`` iterations. ``history`` holds the loss of every iteration run (NaN after convergence)."""
     opt = cfg.optimizer
-    if cfg.max_iter == 0:
-        return params, jnp.zeros((0,), jnp.float32)
     value_and_grad = jax.value_and_grad(_loss)
-    history0 = jnp.full((cfg.max_iter,), jnp.nan, dtype=jnp.float32)
 
     def cond(state):
-        i, _, _, history, done = state
-        return (i < cfg.max_iter) & ~done
+        i, _, _, _, done = state
+        return (i < stop) & ~done
 
     def body(state):
         i, params, opt_state, history, _ = state
@@ -433,13 +440,35 @@ def _run_level(params, data, cfg: _Level):
         done = (i + 1 >= 2 * w) & (improvement < cfg.tol)
         return i + 1, params, opt_state, history, done
 
-    state = (0, params, opt.init(params), history0, jnp.array(False))
-    _, params, _, history, _ = jax.lax.while_loop(cond, body, state)
-    return params, history
+    return jax.lax.while_loop(cond, body, state)
 
 
-_run_level_jit = jax.jit(_run_level, static_argnames="cfg")
-_run_level_batch = jax.jit(jax.vmap(_run_level, in_axes=(0, 0, None)), static_argnames="cfg")
+_level_start_jit = jax.jit(_level_start, static_argnames="cfg")
+_level_steps_jit = jax.jit(_level_steps, static_argnames="cfg")
+_level_start_batch = jax.jit(jax.vmap(_level_start, in_axes=(0, None)), static_argnames="cfg")
+_level_steps_batch = jax.jit(jax.vmap(_level_steps, in_axes=(0, 0, None, None)), static_argnames="cfg")
+
+
+def _optimise_level(params, data, cfg: _Level, *, batched=False, report=None):
+    """Optimise ``params`` over one level; returns ``(params, loss history (max_iter,))`` (batched along axis 0).
+
+    The loop is compiled (``_level_steps``) and runs in one call, or, with ``report``, in calls of
+    ``PROGRESS_EVERY`` iterations with ``report(iterations done, last loss)`` between them (the same compiled
+    program: a host callback inside the loop would keep it out of the persistent compilation cache).
+    """
+    if cfg.max_iter == 0:
+        return params, jnp.zeros(params.shape[:1] + (0,) if batched else (0,), jnp.float32)
+    start, steps = (_level_start_batch, _level_steps_batch) if batched else (_level_start_jit, _level_steps_jit)
+    state = start(params, cfg)
+    chunk = PROGRESS_EVERY if report else cfg.max_iter
+    for stop in range(chunk, cfg.max_iter + chunk, chunk):
+        state = steps(state, data, np.int32(min(stop, cfg.max_iter)), cfg)
+        if report:
+            i, history, done = jax.device_get((state[0], state[3], state[4]))
+            report(int(i), float(history[int(i) - 1]))
+            if done:
+                break
+    return state[1], state[3]
 
 
 @functools.lru_cache(maxsize=256)
@@ -534,9 +563,9 @@ class _Pairs:
         """One pair's ``x`` repeated for every pair of a batch (``x`` itself for one pair)."""
         return jnp.broadcast_to(x, self.fixed.shape[:1] + x.shape) if self.batched else x
 
-    def run_level(self, params, data, cfg: _Level):
-        """``_run_level`` compiled for one pair or vmapped over the batch."""
-        return (_run_level_batch if self.batched else _run_level_jit)(params, data, cfg)
+    def run_level(self, params, data, cfg: _Level, report=None):
+        """``_optimise_level`` for one pair or vmapped over the batch (``report``: one pair only)."""
+        return _optimise_level(params, data, cfg, batched=self.batched, report=None if self.batched else report)
 
     @property
     def moving_shape(self) -> tuple[int, ...]:
@@ -562,10 +591,16 @@ class _Pairs:
 
 
 class _Log:
-    """Loss history and seconds per stage and level, passed to ``callback(name, history)`` as each level ends."""
+    """Loss history and seconds per stage and level, passed to ``callback(name, history)`` as each level ends, and
+    ``progress(name, iteration, max_iterations, loss)`` during each level (one pair only)."""
 
-    def __init__(self, callback):
-        self.history, self.seconds, self.callback = {}, {}, callback
+    def __init__(self, callback, progress=None):
+        self.history, self.seconds, self.callback, self.progress = {}, {}, callback, progress
+
+    def run_level(self, pairs: _Pairs, name: str, params, data, cfg: _Level):
+        """``pairs.run_level`` reporting ``progress(name, ...)`` every ``PROGRESS_EVERY`` iterations if given."""
+        report = None if self.progress is None else lambda i, loss: self.progress(name, i, cfg.max_iter, loss)
+        return pairs.run_level(params, data, cfg, report)
 
     def level_done(self, name, history, t0, result):
         self.history[name] = history
@@ -675,7 +710,7 @@ def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log:
         data = pairs.at_level(factor, matrix=None, scale=pairs.broadcast(jnp.asarray(scale)), spacing=spacing)
         cfg = _Level("affine", model, metric, tuple(sorted(metric_options.items())), None, 0.0,
                      _level_optimizer(opts.optimizer, opts.affine_learning_rate, iters), iters, opts.tol, opts.window)
-        params, hist = pairs.run_level(params, data, cfg)
+        params, hist = log.run_level(pairs, f"{model}@{factor}", params, data, cfg)
         log.level_done(f"{model}@{factor}", hist, t0, params)
     full_scale = jnp.asarray(np.array([1.0] * ndim + [trans_unit]).astype(dtype))
     return pairs.per_pair(_level_matrix, model=model)(params, pairs.broadcast(full_scale), spacing)
@@ -706,7 +741,7 @@ def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp
         cfg = _Level("deformable", model, opts.metric, metric_options, opts.regularizer, opts.reg_weight,
                      _level_optimizer(opts.optimizer, opts.learning_rate, iters), iters, opts.tol, opts.window,
                      spacing if bspline else None, shape if bspline else None, opts.steps, opts.field_sigma)
-        params, hist = pairs.run_level(params, data, cfg)
+        params, hist = log.run_level(pairs, f"{model}@{factor}", params, data, cfg)
         u, dense = pairs.per_pair(_field, cfg=cfg)(params, base)
         base = u if dense is None else dense  # the dense displacement (disp, bspline, diffeo) or velocity (svf)
         log.level_done(f"{model}@{factor}", hist, t0, base)
@@ -717,10 +752,10 @@ def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp
 
 
 def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, spacing,
-              initial_disp, initial_matrix, callback) -> Result:
+              initial_disp, initial_matrix, callback, progress=None) -> Result:
     pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, spacing, batched=batched)
     _check_setup(pairs, opts, initial_disp, initial_matrix)
-    log = _Log(callback)
+    log = _Log(callback, progress)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
     u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
     disp = pairs.per_pair(spatial.compose_affine)(matrix, u)
@@ -749,7 +784,8 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
              fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
              moving_grid: ArrayLike | None = None, spacing: ArrayLike | None = None,
              initial_disp: ArrayLike | None = None, initial_matrix: ArrayLike | None = None,
-             callback: Callable[[str, jax.Array], Any] | None = None, **overrides) -> Result:
+             callback: Callable[[str, jax.Array], Any] | None = None,
+             progress: Callable[[str, int, int, float], Any] | None = None, **overrides) -> Result:
     """Register ``moving`` onto ``fixed`` (``(*spatial)`` float, 2-D or 3-D); returns a ``Result``.
 
     The images share one grid unless ``moving_grid`` says how the moving image's own grid lies: then the moving
@@ -772,14 +808,18 @@ def register(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | 
     initial_disp: ``(*spatial, ndim)`` deformable field (fixed-grid voxels) to start from, e.g. instance
       optimisation of a network's output; applied before the matrix [None].
     initial_matrix: ``(ndim+1, ndim+1)`` matrix about the grid centre used when ``transform`` is None [None].
-    callback: ``callback(stage_level_name, loss_history)`` after each level, e.g. progress bars [None].
+    callback: ``callback(stage_level_name, loss_history)`` after each level [None].
+    progress: ``progress(stage_level_name, iteration, max_iterations, loss)`` during each level, every
+      ``PROGRESS_EVERY`` iterations and when it converges, e.g. progress bars (one pair; the compiled loop runs in
+      chunks between the calls, the same program as without ``progress``) [None].
 
     Raises ``ValueError`` naming the argument or option before anything is compiled: bad images or masks, invalid
     options, or a pyramid level that leaves fewer than ``MIN_LEVEL_SIZE`` voxels along an axis of the image.
     """
     opts = with_overrides(options, overrides)
     return _register(fixed, moving, opts, batched=False, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                     moving_grid=moving_grid, spacing=spacing, initial_disp=initial_disp, initial_matrix=initial_matrix, callback=callback)
+                     moving_grid=moving_grid, spacing=spacing, initial_disp=initial_disp,
+                     initial_matrix=initial_matrix, callback=callback, progress=progress)
 
 
 def register_batch(fixed: ArrayLike, moving: ArrayLike, *, options: RegisterOptions | None = None,

@@ -353,7 +353,7 @@ def _mask(mask, image: io.Volume, name: str) -> np.ndarray | None:
 def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: ArrayLike | str | os.PathLike | io.Volume,
                     *, options: optimize.RegisterOptions | None = None, preset: str | None = None,
                     fixed_mask=None, moving_mask=None, moving_labels=None, normalize: bool = True,
-                    initial_affine=None, callback=None, **overrides) -> Registration:
+                    initial_affine=None, callback=None, progress=None, **overrides) -> Registration:
     """Register ``moving`` onto ``fixed`` in world space; returns a :class:`Registration`.
 
     fixed, moving: NIfTI paths, nibabel images, ``io.Volume`` or ``(*spatial)`` arrays (2-D/3-D, identity
@@ -367,7 +367,8 @@ def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: Ar
     initial_affine: a starting transform, ``(4, 4)`` RAS world matrix fixed -> moving or an ITK/ANTs affine file
       (``jaxreg.data.itk.read_affine``); the registration refines it (``Registration.initial``) and starts there
       instead of from the centres of mass.
-    callback: ``callback(stage_level_name, loss_history)`` after each level.
+    callback, progress: ``callback(stage_level_name, loss_history)`` after each level and
+      ``progress(stage_level_name, iteration, max_iterations, loss)`` during each (see ``optimize.register``).
     """
     if options is not None and preset is not None:
         raise ValueError("give options or preset, not both")
@@ -410,7 +411,7 @@ def register_images(fixed: ArrayLike | str | os.PathLike | io.Volume, moving: Ar
     result = optimize.register(f, m, options=opts, moving_grid=grid, spacing=fixed_vol.spacing,
                                fixed_mask=_mask(fixed_mask, fixed_vol, "fixed_mask"),
                                moving_mask=_mask(moving_mask, moving_vol, "moving_mask"),
-                               callback=callback)
+                               callback=callback, progress=progress)
     disp = np.asarray(jax.block_until_ready(result.disp), np.float32)
     seconds = {**{k: float(v) for k, v in result.seconds.items()}, "total": time.perf_counter() - t0}
     return Registration(fixed_vol, moving_vol, opts, np.asarray(result.matrix, np.float64), disp, labels, seconds,

@@ -162,7 +162,7 @@ def _no_compiling(monkeypatch):
     """Make any compiled work (a level, the glue between levels) fail the test."""
     def fail(*args, **kwargs):
         raise AssertionError("compiled work started before the options were rejected")
-    for name in ("_run_level_jit", "_run_level_batch", "_per_pair"):
+    for name in ("_optimise_level", "_per_pair"):
         monkeypatch.setattr(optimize, name, fail)
 
 
@@ -188,7 +188,7 @@ def test_bad_pyramids_fail_before_compiling(options, message, monkeypatch):
 
 def test_pyramid_check_only_applies_to_the_stages_that_run_and_spares_short_axes(monkeypatch):
     seen = []
-    monkeypatch.setattr(optimize, "_run_level_jit", lambda params, data, cfg: (
+    monkeypatch.setattr(optimize, "_optimise_level", lambda params, data, cfg, **kw: (
         seen.append((cfg.kind, data["fixed"].shape)) or params, jnp.zeros(cfg.max_iter)))
     img = np.ones((16, 12), np.float32)
     optimize.register(img, img, transform="translation", init=None, deformable=None, affine_levels=(3, 1),
@@ -221,11 +221,11 @@ def test_register_options_are_frozen_normalised_and_replaceable():
 def test_overrides_replace_fields_of_the_given_options(monkeypatch):
     seen = []
 
-    def level(params, data, cfg):  # records what each level would optimise, without compiling it
+    def level(params, data, cfg, **kw):  # records what each level would optimise, without compiling it
         seen.append((cfg.model, cfg.metric, dict(cfg.metric_options), cfg.max_iter, data["fixed"].shape))
         return params, jnp.zeros(cfg.max_iter, params.dtype)
 
-    monkeypatch.setattr(optimize, "_run_level_jit", level)
+    monkeypatch.setattr(optimize, "_optimise_level", level)
     img = np.ones((16, 16), np.float32)
     preset = optimize.PRESETS["affine"]
     optimize.register(img, img, options=preset, transform="rigid", affine_levels=(2,), affine_iterations=7)
@@ -267,16 +267,37 @@ def test_a_callable_metric_is_used_like_a_registered_one(rng):
     assert seen and set(seen) == {1.0}  # another parametric metric: its defaults, not the lncc options
 
 
+def test_progress_reports_during_each_level_and_changes_nothing(rng):
+    """progress runs each compiled level in chunks of PROGRESS_EVERY iterations: the same program, the same result."""
+    fixed, moving, _ = _affine_case(rng, (32, 32), np.array([0.0, 0.0, 0.0, 0.0, 2.0, -1.0]))
+    opts = optimize.RegisterOptions(transform="translation", deformable="disp", affine_levels=(2, 1),
+                                    affine_iterations=(25, 10), levels=(2, 1), iterations=(12, 5), metric="mse")
+    levels, calls = [], []
+    plain = optimize.register(fixed, moving, options=opts, callback=lambda name, h: levels.append(name))
+    shown = optimize.register(fixed, moving, options=opts, progress=lambda *a: calls.append(a))
+    np.testing.assert_array_equal(shown.disp, plain.disp)
+    for name, history in plain.history.items():
+        np.testing.assert_array_equal(shown.history[name], history)
+        ran = int(np.sum(~np.isnan(history)))
+        mine = [c for c in calls if c[0] == name]
+        # every PROGRESS_EVERY iterations, then the last one; the loss is that iteration's
+        expected = [*range(optimize.PROGRESS_EVERY, ran, optimize.PROGRESS_EVERY), ran]
+        assert [c[1] for c in mine] == expected, (name, mine)
+        assert {c[2] for c in mine} == {len(history)}
+        assert mine[-1][3] == pytest.approx(float(history[ran - 1]))
+    assert levels == list(plain.history) == ["translation@2", "translation@1", "disp@2", "disp@1"]
+
+
 def test_affine_metric_options_none_means_unset_and_empty_means_none(rng, monkeypatch):
     """affine_metric_options=None: the deformable stage's options when the parametric stage uses the same metric,
     the metric's defaults when it names another; {} is an explicit "no options" (it used to fall back)."""
     seen = []
 
-    def level(params, data, cfg):  # records what each parametric level would optimise, without compiling it
+    def level(params, data, cfg, **kw):  # records what each parametric level would optimise, without compiling it
         seen.append((cfg.metric, dict(cfg.metric_options)))
         return params, jnp.zeros(cfg.max_iter, params.dtype)
 
-    monkeypatch.setattr(optimize, "_run_level_jit", level)
+    monkeypatch.setattr(optimize, "_optimise_level", level)
     img = _blobs(rng, (16, 16))
     quick = dict(transform="translation", deformable=None, affine_levels=(2, 1), metric="lncc",
                  metric_options={"window": 3})

@@ -16,9 +16,19 @@ field to map fixed-image points to moving-image points, which is the same pull d
 
 All writes are atomic: the file is written to a temporary name in the destination folder (same suffix, so
 nibabel picks the same format) and moved into place with :func:`os.replace`; a failed write leaves no partial file.
+
+Reading checks the header before any voxel is read (:func:`check_header`), each failure a ``ValueError`` naming the
+file: the data the header declares must fit in the file (an uncompressed file must be at least ``vox_offset +
+voxels * itemsize`` bytes; a gzip file cannot hold more than ``MAX_GZIP_RATIO`` times its size, deflate's limit,
+and its stream is then read through, without keeping it, to see that it really holds that many bytes), so a
+corrupt or hostile header cannot make the reader allocate more than the file holds; the voxel type must be one
+number per voxel (no RGB, complex or structured types); the file must say where it lies in the world (a qform or
+sform code > 0: nibabel's fallback for neither is a guess, mirrored and shifted) unless ``assume_identity_affine``
+says to place it on axis-aligned voxels; its affine must be finite and invertible.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -31,6 +41,7 @@ import numpy as np
 __all__ = [
     "Volume",
     "as_affine4",
+    "check_header",
     "load",
     "load_labels",
     "from_nibabel",
@@ -103,8 +114,12 @@ def _suffix(path: str) -> str:
 
 
 def atomic_write(path: str, write):
-    """Call ``write(tmp_path)`` on a temporary file next to ``path`` (same suffix), then move it into place."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``path`` (same suffix), then move it into place.
+
+    Raises ``FileNotFoundError`` naming ``path`` when its folder does not exist (not the temporary name)."""
     folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)}: its folder {folder} does not exist")
     suffix = _suffix(name)
     tmp = os.path.join(folder, f".{name[: len(name) - len(suffix)]}.{uuid.uuid4().hex}.tmp{suffix}")
     try:
@@ -131,8 +146,93 @@ def as_affine4(affine, ndim: int) -> np.ndarray:
     return a
 
 
-def _read(path: str):
-    """Load a NIfTI image and its (scaled) voxel array; raise clear errors naming ``path``."""
+#: the most a gzip (deflate) stream can expand: a run of one byte, 258-byte matches coded in about 2 bits, is 1032:1;
+#: a ``.nii.gz`` file whose header declares more than this times the file's size cannot hold its data
+MAX_GZIP_RATIO = 1032
+
+
+class _Refused(ValueError):
+    """A header check failed (the message names the file already)."""
+
+
+def _gzip_holds(path: str, need: int) -> int:
+    """How many bytes the gzip stream of ``path`` holds, reading at most ``need`` of them (1 MiB at a time, none
+    kept)."""
+    got = 0
+    with gzip.open(path, "rb") as f:
+        while got < need:
+            chunk = f.read(min(1 << 20, need - got))
+            if not chunk:
+                break
+            got += len(chunk)
+    return got
+
+
+def _spatial_ndim(shape) -> int:
+    """Spatial axes of a NIfTI storage shape under ``_to_volume``'s rules (2 when stored with a singleton z)."""
+    shape = tuple(shape)
+    if len(shape) == 5 and shape[3] == 1 or len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    return 2 if len(shape) == 2 or len(shape) == 3 and shape[2] == 1 else min(len(shape), 3)
+
+
+def check_header(path, img=None, *, assume_identity_affine: bool = False) -> np.ndarray:
+    """Check a NIfTI file's header before its voxels are read; return its ``(4, 4)`` voxel -> world affine.
+
+    ``img``: the file's nibabel image (loaded lazily by ``nib.load``; read here when None). Raises ``ValueError``
+    naming the file when the declared data do not fit in the file (module docstring: no allocation beyond what
+    the file holds), the voxel type is not one number per voxel (RGB, complex, structured), neither qform nor
+    sform says where the image lies (both codes 0; with ``assume_identity_affine`` the affine is then
+    ``diag(voxel sizes from pixdim, 1)``: voxel axes along the world axes, origin at voxel 0), or the affine is not
+    finite and invertible.
+    """
+    path = os.fspath(path)
+    img = nib.load(path) if img is None else img
+    hdr = img.header
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise _Refused(f"{path}: voxel type {dtype} (RGB, complex or structured) is not supported: jaxreg reads one "
+                       f"number per voxel (convert the image to a single grey channel)")
+    shape = tuple(int(n) for n in hdr.get_data_shape())
+    need = int(hdr.get_data_offset()) + math.prod(shape) * dtype.itemsize
+    size = os.path.getsize(path)
+    declared = f"its header declares {shape} {dtype} ({need} bytes with the header)"
+    if path.endswith(".gz"):
+        if need > MAX_GZIP_RATIO * size:
+            raise _Refused(f"{path}: {declared}, more than a {size}-byte gzip file can hold (at most "
+                           f"{MAX_GZIP_RATIO}:1); the header or the file is damaged")
+        held = _gzip_holds(path, need)
+        if held < need:
+            raise _Refused(f"{path}: {declared}, but its gzip stream holds only {held} bytes; the file is truncated "
+                           f"or its header is damaged")
+    elif size < need:
+        raise _Refused(f"{path}: {declared}, but the file has only {size} bytes; the file is truncated or its header "
+                       f"is damaged")
+    if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+        if not assume_identity_affine:
+            raise _Refused(f"{path}: the header says nothing about where the image lies (qform_code and sform_code "
+                           f"are both 0); fix the header, or pass --assume-identity-affine (io.load(..., "
+                           f"assume_identity_affine=True)) to place it on axis-aligned voxels of its pixdim size, "
+                           f"origin at voxel 0")
+        zooms = [float(z) for z in hdr.get_zooms()[:3]]
+        affine = np.diag(zooms + [1.0] * (4 - len(zooms)))
+    else:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise _Refused(f"{path}: the header's voxel -> world affine (sform/qform) is not finite: "
+                       f"{np.array2string(affine[:3], separator=', ').replace(chr(10), '')}")
+    nd = _spatial_ndim(shape)
+    sv = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if not sv[-1] > 1e-6 * sv[0]:
+        lengths = ", ".join(f"{v:g}" for v in np.linalg.norm(affine[:3, :nd], axis=0))
+        raise _Refused(f"{path}: the header's voxel -> world affine (sform/qform) is singular (voxel axis lengths "
+                       f"{lengths} mm; an axis of length 0, or two parallel axes): fix the header")
+    return affine
+
+
+def _read(path: str, *, assume_identity_affine: bool = False):
+    """Load a NIfTI image and its (scaled) voxel array; raise clear errors naming ``path``. The header is checked
+    (``check_header``) before any voxel is read."""
     path = _check_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"NIfTI file not found: {path}")
@@ -140,8 +240,10 @@ def _read(path: str):
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ValueError(f"not a NIfTI image ({type(img).__name__})")
+        affine = check_header(path, img, assume_identity_affine=assume_identity_affine)
         raw = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
+    except _Refused:
+        raise
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError...)
         raise ValueError(f"could not read NIfTI file {path}: {type(err).__name__}: {err}") from err
     return img, np.asarray(raw), affine
@@ -163,19 +265,22 @@ def _to_volume(path: str, raw: np.ndarray, affine: np.ndarray) -> Volume:
     return Volume(raw, affine, has_channels)
 
 
-def load(path, *, dtype=np.float32) -> Volume:
+def load(path, *, dtype=np.float32, assume_identity_affine: bool = False) -> Volume:
     """Load a ``.nii``/``.nii.gz`` file as a :class:`Volume` with data cast to ``dtype`` (float32 default).
 
     Storage layouts accepted: 2-D; 3-D (a singleton third axis makes it 2-D); 4-D with a singleton last axis;
     5-D vector images ``(X, Y, Z, 1, C)`` (returned with ``has_channels=True``). Scaling (``scl_slope``) is applied.
+    ``assume_identity_affine``: accept a file whose header gives no orientation (qform and sform codes 0) and
+    place it on axis-aligned voxels (``check_header``); without it such a file is an error.
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: wrong suffix, unreadable/corrupt file, unsupported dimensionality, NaN/Inf voxels, or
-        non-integer values when ``dtype`` is an integer type. Every message names the file.
+      ValueError: wrong suffix, unreadable/corrupt file, a header that declares more data than the file holds, an
+        RGB/complex voxel type, no orientation, a non-finite or singular affine, unsupported dimensionality,
+        NaN/Inf voxels, or non-integer values when ``dtype`` is an integer type. Every message names the file.
     """
     path = os.fspath(path)
-    _, raw, affine = _read(path)
+    _, raw, affine = _read(path, assume_identity_affine=assume_identity_affine)
     vol = _to_volume(path, raw, affine)
     data = vol.data
     if data.dtype.kind == "f" and not np.isfinite(data).all():
@@ -201,9 +306,10 @@ def from_nibabel(image, *, name: str = "image", dtype=np.float32) -> Volume:
     return Volume(np.asarray(vol.data).astype(dtype, copy=False), vol.affine, vol.has_channels)
 
 
-def load_labels(path) -> Volume:
-    """Load a label map as an int32 :class:`Volume`; raise ``ValueError`` naming the file on non-integer values."""
-    return load(path, dtype=np.int32)
+def load_labels(path, *, assume_identity_affine: bool = False) -> Volume:
+    """Load a label map as an int32 :class:`Volume`; raise ``ValueError`` naming the file on non-integer values
+    (and as :func:`load`)."""
+    return load(path, dtype=np.int32, assume_identity_affine=assume_identity_affine)
 
 
 def _storage_dtype(data: np.ndarray) -> np.ndarray:

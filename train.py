@@ -5,7 +5,14 @@ method trains through ``jaxreg.training.fit``. Any config field can be overridde
 (the config is locked: a misspelt field is an error). Rerunning with the same ``--workdir`` resumes from the latest
 checkpoint. Writes ``DIR/config.json``, ``DIR/checkpoints/`` and ``DIR/metrics.jsonl``. For several hosts, call
 ``jax.distributed.initialize()`` before training (``--distributed``).
+
+A bad config or data set (a field out of range, a missing file, a workdir holding another model's checkpoints) is
+one line ``train.py: error: ...`` naming the field or file, exit status 2, before anything is compiled; ``--debug``
+shows the traceback instead.
 """
+import math
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,21 +21,55 @@ flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the sa
 flags.DEFINE_integer("stop_at", None, "stop after this step (as if interrupted); rerun to resume")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host)")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+#: what a bad config, data set or workdir raises: reported in one line (exit 2) unless --debug
+ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError, FloatingPointError)
+
+
+def check_train(config, stop_at=None) -> None:
+    """Raise ``ValueError`` naming the field when ``config.train``'s counts or learning rate are out of range (the
+    fields a config has; every method's ``train`` block uses these names)."""
+    train = config.get("train") or {}
+    for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("checkpoint_every", 1),
+                      ("keep_checkpoints", 1)):
+        value = train.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"config.train.{name} must be an int >= {low}, got {value!r}")
+    lr = train.get("learning_rate")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise ValueError(f"config.train.learning_rate must be a finite number > 0, got {lr!r}")
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop_at must be >= 1, got {stop_at}")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message with line breaks folded (a ``KeyError``'s quotes dropped)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 def main(argv):
     del argv
-    import jax
+    try:
+        check_train(FLAGS.config, FLAGS.stop_at)
+        import jax
 
-    from jaxreg import methods
+        from jaxreg import methods
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    state = methods.get(FLAGS.config.method).fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at,
-                                                 progress=FLAGS.progress)
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        if FLAGS.distributed:
+            jax.distributed.initialize()
+        state = methods.get(FLAGS.config.method).fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at,
+                                                     progress=FLAGS.progress)
+    except ERRORS as err:
+        if FLAGS.debug:
+            raise
+        print(f"train.py: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
     print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {FLAGS.workdir}")
 
 

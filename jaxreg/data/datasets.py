@@ -4,6 +4,11 @@ A dataset has ``shape`` (spatial, all pairs share it), ``num_labels`` (``K`` wit
 when there are no labels) and ``pair(index) -> dict``: ``fixed``, ``moving`` ``shape`` float32 in [0, 1] and, with
 labels, ``fixed_labels``, ``moving_labels`` ``shape`` int32. ``pair`` is deterministic in ``(seed, index)``.
 
+Label maps read from files keep any label values (FreeSurfer's go to 2035, others further): the classes are the
+values present (background 0 always among them), numbered ``0 .. K-1`` in increasing order by a lookup table
+(``label_values[k]`` is class ``k``'s value in the files), so one-hot maps and Dice terms have ``K`` channels, never
+``max + 1``. More than ``MAX_LABELS`` classes is an error.
+
 Kinds:
 
 * ``SyntheticPairs``: ``data.synthetic.synthetic_pair`` (SynthMorph-style random label maps, contrasts and
@@ -35,6 +40,29 @@ import numpy as np
 from . import io, preprocess, synthetic
 
 _NII = (".nii", ".nii.gz")
+#: the most label classes a dataset may hold (one-hot maps have one channel per class)
+MAX_LABELS = 1000
+
+
+def _num_labels(value, where: str) -> int:
+    """``value`` as a number of label classes in ``[2, MAX_LABELS]``, or a ``ValueError`` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 2 <= value <= MAX_LABELS:
+        raise ValueError(f"{where} must be an int in [2, {MAX_LABELS}] (label classes, background included), got "
+                         f"{value!r}")
+    return int(value)
+
+
+def _shape(value, where: str) -> tuple:
+    """``value`` as a spatial shape: 2 or 3 ints >= 8, or a ``ValueError`` naming ``where``."""
+    try:
+        shape = tuple(value)
+        ok = len(shape) in (2, 3) and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 8
+                                          for n in shape)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{where} must be a spatial shape of 2 or 3 ints >= 8, e.g. (64, 64), got {value!r}")
+    return tuple(int(n) for n in shape)
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
@@ -45,8 +73,9 @@ class SyntheticPairs:
     """Random synthetic pairs (``synthetic.synthetic_pair``): pair ``i`` uses the generator seeded ``(seed, i)``."""
 
     def __init__(self, shape, *, seed: int = 0, num_labels: int = 8, **options):
-        self.shape = tuple(int(s) for s in shape)
-        self.seed, self.num_labels, self.options = int(seed), int(num_labels), dict(options)
+        self.shape = _shape(shape, "shape")
+        self.seed, self.options = int(seed), dict(options)
+        self.num_labels = _num_labels(num_labels, "num_labels")
 
     def __len__(self):
         return 2**31 - 1
@@ -63,7 +92,7 @@ class MNIPairs:
     num_labels = 4
 
     def __init__(self, shape, *, seed: int = 0, resolution: int = 2, **options):
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = _shape(shape, "shape")
         self.seed, self.resolution, self.options = int(seed), int(resolution), dict(options)
         synthetic._nilearn_data_dir()  # fail now (ImportError) when nilearn is missing
 
@@ -124,8 +153,17 @@ class VolumePairs:
         if len(self.shape) != images[0].ndim:
             raise ValueError(f"{source}: data.shape {self.shape} does not match the {images[0].ndim}-D images")
         self.images = [preprocess.crop_or_pad(preprocess.normalize(im), self.shape) for im in images]
-        self.labels = [preprocess.crop_or_pad(lab, self.shape).astype(np.int32) for lab in labels] or None
-        self.num_labels = int(max(lab.max() for lab in self.labels)) + 1 if self.labels else None
+        self.labels, self.label_values, self.num_labels = None, None, None
+        if labels:
+            # the classes are the values present (0 always): a lookup table numbers them 0..K-1, never max + 1
+            values = np.union1d(np.unique(np.concatenate([np.unique(lab) for lab in labels])), [0])
+            if len(values) > MAX_LABELS:
+                raise ValueError(f"{source}: the label maps hold {len(values)} distinct labels, more than "
+                                 f"MAX_LABELS = {MAX_LABELS} (is a label file an intensity image?)")
+            self.label_values = values.astype(np.int64)
+            self.num_labels = len(values)
+            self.labels = [preprocess.crop_or_pad(np.searchsorted(values, lab).astype(np.int32), self.shape)
+                           for lab in labels]
         self.names = [os.path.basename(r["image"]) for r in records]
         self.seed, self.mode, self.atlas = int(seed), mode, int(atlas)
         n = len(self.images)
@@ -179,6 +217,7 @@ class FixedAsMoving:
     def __init__(self, base):
         self.base = base
         self.shape, self.num_labels = base.shape, base.num_labels
+        self.label_values = getattr(base, "label_values", None)
         self.constant = isinstance(base, MNIPairs) or (isinstance(base, VolumePairs) and base.pairs is None
                                                        and base.mode == "atlas")
         self._cached = None
@@ -291,23 +330,30 @@ def from_config(cfg, *, split: str = "train"):
     return dataset
 
 
+KINDS = ("synthetic", "mni", "folder", "json")
+
+
 def _from_config(cfg, *, split: str):
     kind = cfg.kind
+    if kind not in KINDS:
+        raise ValueError(f"data.kind must be one of {', '.join(repr(k) for k in KINDS)}, got {kind!r}")
     seed = int(cfg.seed if split == "train" else cfg.test_seed)
-    shape = tuple(cfg.shape) if cfg.shape else None
+    if kind in ("synthetic", "mni"):  # generated: the shape is the config's
+        shape = _shape(cfg.shape, f"data.shape (data.kind={kind!r})")
+    else:  # files: None (or empty) means the images' own shape
+        shape = _shape(cfg.shape, "data.shape") if cfg.shape else None
     if kind == "synthetic":
-        return SyntheticPairs(shape, seed=seed, num_labels=cfg.num_labels, **dict(cfg.synthetic or {}))
+        return SyntheticPairs(shape, seed=seed, num_labels=_num_labels(cfg.num_labels, "data.num_labels"),
+                              **dict(cfg.synthetic or {}))
     if kind == "mni":
         return MNIPairs(shape, seed=seed, resolution=cfg.resolution, **dict(cfg.mni or {}))
     path = cfg.test_path if split == "test" and cfg.test_path else cfg.path
     if not path:
-        raise ValueError(f"data.kind={kind!r} needs data.path")
+        raise ValueError(f"data.kind={kind!r} needs data.path (a {'folder' if kind == 'folder' else 'JSON file'})")
     opts = dict(shape=shape, mode=cfg.mode, atlas=cfg.atlas, seed=seed)
     if kind == "folder":
         return from_folder(path, **opts)
-    if kind == "json":
-        return from_json(path, split=split, **opts)
-    raise ValueError(f"data.kind must be 'synthetic', 'mni', 'folder' or 'json', got {kind!r}")
+    return from_json(path, split=split, **opts)
 
 
 _ARRAY_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels")

@@ -2,7 +2,8 @@
 semi-supervised.
 
 Batches are dicts of arrays with a leading batch axis ``B``: ``moving``, ``fixed`` ``(B, *S)`` float32 and, for
-semi-supervised training, ``moving_labels``, ``fixed_labels`` ``(B, *S)`` int32 in ``[0, num_labels)``.
+semi-supervised training, ``moving_labels``, ``fixed_labels`` ``(B, *S)`` int32 in ``[0, num_labels)`` (class
+indices: a dataset read from files numbers the label values present ``0 .. K-1``, ``datasets.VolumePairs``).
 
 Loss per example (averaged over the batch), VoxelMorph's unsupervised objective plus an optional Dice term:
 ``L = sim(fixed, warped) + reg_weight * reg(velocity) + dice_weight * dice_loss(onehot(fixed_labels)[1:],
@@ -64,6 +65,11 @@ class Loss:
                              f"{self.regularizer!r}")
         if self.dice_weight > 0 and self.num_labels < 2:
             raise ValueError(f"loss.dice_weight > 0 needs label maps with num_labels >= 2, got {self.num_labels}")
+        from jaxreg.data.datasets import MAX_LABELS
+
+        if self.dice_weight > 0 and self.num_labels > MAX_LABELS:
+            raise ValueError(f"loss.dice_weight > 0 one-hot encodes {self.num_labels} label classes, more than "
+                             f"{MAX_LABELS} (datasets.MAX_LABELS)")
         if self.augment is not None and not isinstance(self.augment, augment_lib.AugmentConfig):
             raise TypeError(f"augment must be a jaxreg.data.augment.AugmentConfig or None, got {type(self.augment)}")
 
@@ -203,4 +209,11 @@ def evaluation(config, workdir) -> Evaluation:
     return Evaluation(pairs=pair, num_pairs=min(int(e.num_pairs), len(dataset)),
                       methods={n: run[n] for n in names},
                       measures=("dice", "hd95", "assd", "jacobian"),
-                      label_names={k: str(k) for k in range(1, dataset.num_labels)}, columns=COLUMNS, info=info)
+                      label_names=_label_names(dataset), columns=COLUMNS, info=info)
+
+
+def _label_names(dataset) -> dict:
+    """``{class: name}`` of the scored classes ``1 .. K-1``: the label values in the files when the dataset numbered
+    them (``label_values``), else the class numbers."""
+    values = getattr(dataset, "label_values", None)
+    return {k: str(int(values[k]) if values is not None else k) for k in range(1, dataset.num_labels)}

@@ -9,15 +9,25 @@ A thin layer on ``jaxreg.world.register_images`` and ``Registration.save`` (thei
 conventions): registration in world space with the moving image on its own grid, results on the fixed grid with its
 affine, world transforms as jaxreg files (``displacement.nii.gz``: the whole map; ``affine.json``) and as ITK/ANTs
 files (``0GenericAffine.mat``, ``affine.txt``, ``1Warp.nii.gz``), ``report.json`` (options, times, Jacobian
-statistics, Dice when labels are given). Files are written to a staging folder and moved into OUTDIR only once
-everything succeeded; an earlier run's files that this run does not write are removed.
+statistics, Dice when labels are given, warnings, and ``files``: the manifest of what the run wrote). Files are
+written to a staging folder and moved into OUTDIR only once everything succeeded.
+
+Bad input is refused before anything is compiled, in one line naming the file or option, exit status 2, nothing
+written: every option's range; each NIfTI header (declared size against the file, voxel type, orientation, affine;
+``jaxreg.data.io.check_header``); masks and label maps on their image's grid; an OUTDIR that is a file, is not
+writable, would overwrite an input, or holds an earlier run's results (``--overwrite`` replaces that whole set, so
+no stale file remains). A mask too small to constrain the transform is an error (fewer voxels than parameters) or a
+warning; so is a result that folds more than 1 % of its voxels or scales by less than 1/2 or more than 2 (warnings
+go to stderr and report.json).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -47,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("image", help="image in the moving image's world space (any grid)")
     a.add_argument("-o", "--output", required=True, help="output NIfTI path")
     a.add_argument("--reference", help="fixed image: the output grid (needed for an affine file)")
+    a.add_argument("--assume-identity-affine", action="store_true",
+                   help="accept images whose header has no orientation (qform and sform codes 0): axis-aligned voxels "
+                        "of the header's size, origin at voxel 0 [default: such a file is an error]")
     kind = a.add_mutually_exclusive_group()
     kind.add_argument("--labels", dest="labels", action="store_true", default=None,
                       help="IMAGE is a label map: nearest neighbour, integer output [default: when stored as integers]")
@@ -165,6 +178,12 @@ def _register_options(r):
                                                            "its inverse-consistency error in report.json")
     r.add_argument("--l2r", nargs=2, metavar=("FIXED_ID", "MOVING_ID"),
                    help="also write Learn2Reg's disp_FIXED_ID_MOVING_ID.nii.gz (fixed-grid voxels)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in OUTDIR (all of them: none is left stale) "
+                        "[default: such a folder is an error]")
+    r.add_argument("--assume-identity-affine", action="store_true",
+                   help="accept images whose header has no orientation (qform and sform codes 0): axis-aligned voxels "
+                        "of the header's size, origin at voxel 0 [default: such a file is an error]")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -197,7 +216,10 @@ def _options_from_args(args) -> optimize.RegisterOptions:
     similarity options of every stage whose metric takes them (an error when none does)."""
     preset = optimize.PRESETS[args.preset]
     flags = {name: _field_value(name, getattr(args, name)) for name in _FIELD_FLAGS if hasattr(args, name)}
-    opts = dataclasses.replace(preset, **flags)
+    try:
+        opts = dataclasses.replace(preset, **flags)
+    except ValueError as err:
+        raise ValueError(_with_flag(err)) from err
     # a preset's similarity options belong to its metrics: a stage whose metric a flag changed starts from none
     if opts.metric != preset.metric:
         opts = dataclasses.replace(opts, metric_options=None)
@@ -223,6 +245,16 @@ def _options_from_args(args) -> optimize.RegisterOptions:
     # the engine's rule for affine_metric_options=None keeps the options minimal (and report.json short)
     opts = dataclasses.replace(opts, metric_options=deform or None, affine_metric_options=None)
     return opts if opts.affine_similarity()[1] == affine else dataclasses.replace(opts, affine_metric_options=affine)
+
+
+def _with_flag(err: Exception) -> str:
+    """A RegisterOptions message (``"NAME must ..."``, ``"NAME=(...): ..."``) prefixed with the flag that sets
+    NAME; other messages as they are."""
+    text = str(err)
+    for name in sorted(_FIELD_FLAGS, key=len, reverse=True):
+        if text.startswith(name) and text[len(name):len(name) + 1] in (" ", "=", ":"):
+            return f"{_FIELD_FLAGS[name][0]}: {text}"
+    return text
 
 
 def _options_json(opts: optimize.RegisterOptions) -> dict:
@@ -272,24 +304,168 @@ def _progress(quiet):
     return done, progress
 
 
-def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
-                 fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
-                 inverse=False, l2r=None, initial_affine=None) -> dict:
-    """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
-    the results with ``Registration.save``; returns the report dict."""
-    from jaxreg import metrics, spatial, world
-    from jaxreg.data import io
+#: a mask should keep this many voxels per transform parameter at the coarsest pyramid level (else a warning)
+MASK_VOXELS_PER_PARAMETER = 10
+#: a result folding more than this fraction of its voxels gets a warning
+FOLDING_WARNING = 0.01
+#: a parametric stage scaling an axis by less / more than these gets a warning
+SCALE_WARNING = (0.5, 2.0)
 
-    t_start = time.perf_counter()
-    inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
-                                           moving_mask, initial_affine) if p}
-    clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in world.FILES})
+
+def _check_output(output, inputs, *, overwrite: bool, l2r=None) -> None:
+    """Refuse, before registering, an OUTDIR that is a file, would overwrite an input, holds an earlier run's
+    results (unless ``overwrite``) or cannot be written."""
+    from jaxreg import world
+    from jaxreg.data import itk
+
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"-o {output} is an existing file, not a folder: give a folder for the results")
+    earlier = world.earlier_results(output)
+    names = set(world.FILES) | set(earlier)
+    if l2r:
+        name = itk.l2r_name(*l2r)
+        names.add(name)
+        if os.path.isfile(os.path.join(output, name)) and name not in earlier:
+            earlier.append(name)
+    clash = sorted(inputs & {os.path.abspath(os.path.join(output, name)) for name in names})
     if clash:
         raise ValueError(f"-o {output} would overwrite the input {clash[0]}: choose another output folder")
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise ValueError(f"-o {output} holds an earlier run's results ({shown}): pass --overwrite to replace them "
+                         f"all, or choose another folder")
+    # the results are staged beside OUTDIR and moved in: both must be writable (missing folders are created)
+    folder = os.path.abspath(output)
+    where = os.path.dirname(folder)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"-o {output}: {where} is a file, not a folder")
+    for place in ([folder] if os.path.isdir(folder) else []) + [where]:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".jaxreg-check-", dir=place))
+        except OSError as err:
+            raise OSError(f"-o {output}: cannot write in {place} ({err.strerror or err})") from err
+
+
+def _load(path, what: str, *, labels: bool = False, assume_identity_affine: bool = False):
+    """A NIfTI input as an ``io.Volume`` (its header checked first, ``io.check_header``); one scalar per voxel."""
+    from jaxreg.data import io
+
+    vol = (io.load_labels if labels else io.load)(path, assume_identity_affine=assume_identity_affine)
+    if vol.has_channels:
+        raise ValueError(f"{what} {path}: a vector/multichannel image (shape {vol.data.shape}); jaxreg registers "
+                         f"one scalar per voxel")
+    return vol
+
+
+def _same_grid(vol, path, what: str, image, image_path, image_what: str) -> None:
+    """Refuse a mask or label map that does not lie on its image's grid (shape and voxel -> world affine)."""
+    tol = 1e-3 * max(1.0, float(np.max(image.spacing)))
+    if vol.shape != image.shape:
+        where = f"shape {vol.shape} vs {image.shape}"
+    elif not np.allclose(vol.affine, image.affine, rtol=0, atol=tol):
+        where = f"voxel -> world affines differ by up to {np.abs(vol.affine - image.affine).max():.3g}"
+    else:
+        return
+    raise ValueError(f"{what} {path}: its grid differs from the {image_what} image {image_path}'s ({where}): it "
+                     f"must lie on its image's voxel grid (resample it first)")
+
+
+def _mask_warnings(mask, path, what: str, opts: optimize.RegisterOptions) -> list:
+    """Refuse a mask with fewer voxels than the transform has parameters; warn when it keeps fewer than
+    ``MASK_VOXELS_PER_PARAMETER`` per parameter at the coarsest pyramid level or its bounding box covers less than
+    ``4**-ndim`` of the image (the transform elsewhere is then extrapolated)."""
+    inside = np.asarray(mask.data) > 0
+    n, nd = int(inside.sum()), mask.ndim
+    if n == 0:
+        raise ValueError(f"{what} {path} is empty (no voxel > 0)")
+    stage = opts.transform or "translation"
+    params = transforms.num_params(stage, nd)
+    if n < params:
+        raise ValueError(f"{what} {path} has {n} voxel(s) inside, fewer than the {params} parameters of the {stage} "
+                         f"transform: it cannot constrain the registration (give a larger mask, or none)")
+    factors = ([opts.affine_levels[0]] if opts.transform else []) + ([opts.levels[0]] if opts.deformable else [])
+    factor = max(factors, default=1)
+    coarse = n / factor**nd
+    out = []
+    if coarse < MASK_VOXELS_PER_PARAMETER * params:
+        out.append(f"{what} {path}: {n} voxels inside, about {coarse:.3g} at the coarsest pyramid level (factor "
+                   f"{factor}), fewer than {MASK_VOXELS_PER_PARAMETER} per parameter of the {stage} transform "
+                   f"({MASK_VOXELS_PER_PARAMETER * params}): the registration may collapse; give a larger mask or "
+                   f"coarsest levels of a smaller factor")
+    where = np.argwhere(inside)
+    box = where.max(0) - where.min(0) + 1
+    covers = math.prod(int(b) for b in box) / math.prod(mask.shape)
+    if covers < 4.0**-nd:
+        out.append(f"{what} {path}: its bounding box {tuple(int(b) for b in box)} covers {100 * covers:.2f} % of "
+                   f"the image: the transform elsewhere is extrapolated from it")
+    return out
+
+
+def _result_warnings(reg, folding: float) -> list:
+    """Warnings on a degenerate result: folding above ``FOLDING_WARNING``, a parametric scale out of
+    ``SCALE_WARNING``."""
+    out = []
+    if folding > FOLDING_WARNING:
+        out.append(f"the result folds {100 * folding:.2f} % of the voxels (Jacobian determinant <= 0, more than "
+                   f"{100 * FOLDING_WARNING:g} %): it is not invertible there; raise --reg-weight, lower "
+                   f"--learning-rate or use --deformable svf")
+    nd = reg.fixed.ndim
+    scales = np.linalg.svd(np.asarray(reg.matrix, np.float64)[:nd, :nd], compute_uv=False)
+    low, high = SCALE_WARNING
+    if scales.min() < low or scales.max() > high:
+        out.append(f"the {reg.options.transform} stage scales the fixed grid by {scales.min():.2f} to "
+                   f"{scales.max():.2f} (outside {low:g} to {high:g}): check the result (a mask too small? images "
+                   f"that do not overlap?)")
+    return out
+
+
+def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
+                 fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
+                 inverse=False, l2r=None, initial_affine=None, overwrite=False,
+                 assume_identity_affine=False) -> dict:
+    """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
+    the results with ``Registration.save``; returns the report dict.
+
+    Everything is checked before registering (module docstring): the output folder (``overwrite``: replace an
+    earlier run's results), every input file, masks and label maps on their image's grid, masks large enough.
+    ``assume_identity_affine``: accept files without orientation (``io.check_header``).
+    """
+    from jaxreg import metrics, spatial, world
+
+    t_start = time.perf_counter()
+    if fixed_labels and not moving_labels:
+        raise ValueError(f"--fixed-labels {fixed_labels} is scored against the warped --moving-labels: give "
+                         f"--moving-labels too (or drop --fixed-labels)")
+    inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
+                                           moving_mask, initial_affine) if p}
+    _check_output(output, inputs, overwrite=overwrite, l2r=l2r)
+    flag = {"assume_identity_affine": assume_identity_affine}
+    fixed, moving = _load(fixed_path, "FIXED", **flag), _load(moving_path, "MOVING", **flag)
+    if fixed.ndim != moving.ndim:
+        raise ValueError(f"FIXED {fixed_path} is {fixed.ndim}-D but MOVING {moving_path} is {moving.ndim}-D")
+    given = {}
+    warnings = []
+    for what, path, image, image_path, image_what, labels in (
+            ("--moving-labels", moving_labels, moving, moving_path, "moving", True),
+            ("--fixed-labels", fixed_labels, fixed, fixed_path, "fixed", True),
+            ("--fixed-mask", fixed_mask, fixed, fixed_path, "fixed", False),
+            ("--moving-mask", moving_mask, moving, moving_path, "moving", False)):
+        if path:
+            vol = _load(path, what, labels=labels, **flag)
+            _same_grid(vol, path, what, image, image_path, image_what)
+            if not labels:
+                warnings += _mask_warnings(vol, path, what, opts)
+            given[what] = vol
     callback, progress = _progress(quiet)
-    reg = world.register_images(fixed_path, moving_path, options=opts, moving_labels=moving_labels,
-                                fixed_mask=fixed_mask, moving_mask=moving_mask, normalize=normalize,
-                                initial_affine=initial_affine, callback=callback, progress=progress)
+    try:
+        reg = world.register_images(fixed, moving, options=opts, moving_labels=given.get("--moving-labels"),
+                                    fixed_mask=given.get("--fixed-mask"), moving_mask=given.get("--moving-mask"),
+                                    normalize=normalize, initial_affine=initial_affine, callback=callback,
+                                    progress=progress)
+    except ValueError as err:  # the pyramid checked against the image size names its option
+        raise ValueError(_with_flag(err)) from err
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {
@@ -305,11 +481,12 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
                      "min": float(jac.min()), "max": float(jac.max())},
         "world_matrix": reg.world_matrix,
     }
+    warnings += _result_warnings(reg, report["jacobian"]["folding_fraction"])
+    report["warnings"] = warnings
+    for text in warnings:
+        print(f"jaxreg register: warning: {text}", file=sys.stderr, flush=True)
     if fixed_labels:
-        labels_f = io.load_labels(fixed_labels)
-        if labels_f.shape != reg.fixed.shape:
-            raise ValueError(f"--fixed-labels {fixed_labels}: shape {labels_f.shape} differs from the fixed image "
-                             f"{reg.fixed.shape}")
+        labels_f = given["--fixed-labels"]  # on the fixed grid (checked above)
         if reg.warped_labels is not None:
             dice = metrics.dice(labels_f.data, reg.warped_labels.data)
             unmoved = dataclasses.replace(reg, matrix=np.eye(reg.fixed.ndim + 1), disp=np.zeros_like(reg.disp),
@@ -323,17 +500,29 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     return report
 
 
-def run_apply(transform, image_path, output, *, labels=None, reference=None):
+def run_apply(transform, image_path, output, *, labels=None, reference=None, assume_identity_affine=False):
     """Pull ``image_path`` (in the moving image's world space, any grid) onto the fixed grid, once; writes
     ``output`` atomically.
 
     ``transform``: an OUTDIR of ``jaxreg register`` (its ``displacement.nii.gz``: the whole map) or an ITK/ANTs
     affine file (``.txt``, ``.tfm``, ``.mat``; fixed -> moving in ITK's convention), which needs ``reference`` (the
     fixed image, for the output grid). ``labels``: nearest neighbour and an integer output; default: integer data.
+    ``output`` is checked first (a NIfTI name in an existing folder, not an input). ``assume_identity_affine``:
+    accept an image or reference without orientation (``io.check_header``).
     """
     from jaxreg import world
     from jaxreg.data import io, itk
 
+    if not str(output).endswith((".nii", ".nii.gz")) or os.path.isdir(output):
+        raise ValueError(f"-o {output}: expected a NIfTI file name ending in .nii or .nii.gz")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"-o {output}: its folder {parent} does not exist")
+    inputs = [image_path, reference, transform if not os.path.isdir(transform) else
+              os.path.join(transform, "displacement.nii.gz")]
+    if os.path.abspath(output) in {os.path.abspath(p) for p in inputs if p}:
+        raise ValueError(f"-o {output} would overwrite an input: choose another output file")
+    flag = {"assume_identity_affine": assume_identity_affine}
     if os.path.isdir(transform):
         disp_path = os.path.join(transform, "displacement.nii.gz")
         if not os.path.exists(disp_path):
@@ -345,12 +534,12 @@ def run_apply(transform, image_path, output, *, labels=None, reference=None):
         if reference is None:
             raise ValueError(f"{transform}: an affine transform file needs --reference FIXED (the output grid)")
         world_matrix = itk.read_affine(transform)
-        fixed = io.load(reference)
+        fixed = _load(reference, "--reference", **flag)
         disp = world.affine_displacement(world_matrix, fixed)
         matrix = np.eye(fixed.ndim + 1)
     if labels is None:
         labels = world.stores_integers(image_path)
-    image = io.load_labels(image_path) if labels else io.load(image_path)
+    image = _load(image_path, "IMAGE", labels=labels, **flag)
     reg = world.Registration(fixed, image, optimize.PRESETS["default"], matrix, np.asarray(disp, np.float32))
     io.save(output, reg.apply(image, labels=labels))
 
@@ -380,7 +569,7 @@ def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> 
         io.save(path, pair[k], affine)
     opts = optimize.PRESETS["multimodal" if contrast == "t2" else "default"]
     report = run_register(paths["fixed"], paths["moving"], output, opts, moving_labels=paths["moving_labels"],
-                          fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed)
+                          fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed, overwrite=True)
     report["source"] = source
     return report
 
@@ -408,10 +597,12 @@ def main(argv=None) -> int:
                                   fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
                                   moving_mask=args.moving_mask, normalize=not args.no_normalize, quiet=args.quiet,
                                   seed=args.seed, inverse=args.inverse, l2r=args.l2r,
-                                  initial_affine=args.initial_affine)
+                                  initial_affine=args.initial_affine, overwrite=args.overwrite,
+                                  assume_identity_affine=args.assume_identity_affine)
             _summary(report, args.output)
         elif args.command == "apply":
-            run_apply(args.transform, args.image, args.output, labels=args.labels, reference=args.reference)
+            run_apply(args.transform, args.image, args.output, labels=args.labels, reference=args.reference,
+                      assume_identity_affine=args.assume_identity_affine)
             print(f"wrote {args.output}")
         else:
             report = run_demo(args.output, contrast=args.contrast, seed=args.seed, synthetic=args.synthetic,
@@ -419,7 +610,7 @@ def main(argv=None) -> int:
             print(f"demo pair: {report['source']}; inputs in {os.path.join(args.output, 'inputs')}")
             _summary(report, args.output)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"jaxreg {args.command}: error: {err}", file=sys.stderr)
+        print(f"jaxreg {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
     return 0
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -234,8 +235,10 @@ class Registration:
         """Write the results into ``folder`` all at once; returns ``{what: file name}``.
 
         Every file is written into a staging folder beside ``folder`` and moved in only when all succeeded; result
-        files of an earlier run that this run does not write (e.g. ``warped_labels.nii.gz`` from a run with labels)
-        are removed, so the folder never mixes two runs. Files (``FILES``):
+        files of an earlier run that this run does not write (e.g. ``warped_labels.nii.gz`` from a run with labels,
+        or a Learn2Reg file of another pair: every name in ``FILES`` and in the earlier ``report.json``'s manifest,
+        ``earlier_results``) are removed, so the folder never mixes two runs. ``report.json`` lists the files
+        written (``files``: the manifest). Files (``FILES``):
 
         * ``warped.nii.gz``, ``warped_labels.nii.gz`` (int32): the moving image and labels on the fixed grid;
         * ``displacement.nii.gz``: the whole map ``T(p) - p`` (RAS mm, vector NIfTI on the fixed grid; it already
@@ -292,10 +295,11 @@ class Registration:
                 put("learn2reg", name, lambda p: itk_io.write_l2r_displacement(p, disp3, affine=self.fixed.affine))
             if report is not None:
                 put("report", "report.json", lambda p: io.write_json(p, {**report, "files": dict(files)}))
+            earlier = earlier_results(folder)  # read before this run's report.json replaces the manifest
             os.makedirs(folder, exist_ok=True)
             for name in files.values():
                 os.replace(os.path.join(stage, name), os.path.join(folder, name))
-            for name in FILES:  # an earlier run's results that this run did not write
+            for name in earlier:  # an earlier run's results that this run did not write
                 if name not in files.values() and os.path.isfile(os.path.join(folder, name)):
                     os.remove(os.path.join(folder, name))
         finally:
@@ -312,6 +316,24 @@ def _as_3d(field: np.ndarray) -> np.ndarray:
 FILES = ("warped.nii.gz", "warped_labels.nii.gz", "displacement.nii.gz", "affine.json", "0GenericAffine.mat",
          "affine.txt", "1Warp.nii.gz", "inverse_displacement.nii.gz", "inverse_warp_itk.nii.gz",
          "affine_inverse.txt", "report.json")
+
+
+def earlier_results(folder) -> list[str]:
+    """The result files of an earlier ``save`` in ``folder`` (sorted names): those of ``FILES`` present, and those
+    its ``report.json`` lists (``files``, the manifest; plain names only) that are present. Empty when ``folder``
+    does not exist."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    names = set(FILES)
+    try:
+        with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
+            listed = json.load(f).get("files", {})
+        names |= {n for n in listed.values() if isinstance(n, str) and n == os.path.basename(n)
+                  and n not in ("", ".", "..")}
+    except (OSError, ValueError, AttributeError):
+        pass  # no (readable) manifest: the fixed names only
+    return sorted(n for n in names if os.path.isfile(os.path.join(folder, n)))
 
 
 @functools.partial(jax.jit, static_argnums=3)

@@ -294,7 +294,8 @@ class Registration:
                                                                total.dtype)], axis=-1))
                 put("learn2reg", name, lambda p: itk_io.write_l2r_displacement(p, disp3, affine=self.fixed.affine))
             if report is not None:
-                put("report", "report.json", lambda p: io.write_json(p, {**report, "files": dict(files)}))
+                put("report", "report.json", lambda p: io.write_json(p, {**report, "files": {**files,
+                                                                                     "report": "report.json"}}))
             earlier = earlier_results(folder)  # read before this run's report.json replaces the manifest
             os.makedirs(folder, exist_ok=True)
             for name in files.values():

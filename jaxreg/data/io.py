@@ -194,7 +194,8 @@ def check_header(path, img=None, *, assume_identity_affine: bool = False) -> np.
         raise _Refused(f"{path}: voxel type {dtype} (RGB, complex or structured) is not supported: jaxreg reads one "
                        f"number per voxel (convert the image to a single grey channel)")
     shape = tuple(int(n) for n in hdr.get_data_shape())
-    need = int(hdr.get_data_offset()) + math.prod(shape) * dtype.itemsize
+    offset = getattr(img.dataobj, "offset", None)  # where the reader starts (a loaded header may say 0)
+    need = int(hdr.get_data_offset() if offset is None else offset) + math.prod(shape) * dtype.itemsize
     size = os.path.getsize(path)
     declared = f"its header declares {shape} {dtype} ({need} bytes with the header)"
     if path.endswith(".gz"):

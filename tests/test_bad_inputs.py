@@ -424,6 +424,13 @@ def test_freesurfer_labels_train_with_one_class_per_label_present(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert training.checkpoint_manager(str(tmp_path / "part" / "checkpoints")).latest_step() == 4
+    # resuming that workdir with another model: refused naming the parameter, the workdir's config.json kept
+    saved = (tmp_path / "part" / "config.json").read_text()
+    other = _tiny(path, steps=6)
+    other.model.encoder = (4, 4)
+    with pytest.raises(ValueError, match=r"does not fit the config's model: parameter .*dec0"):
+        voxelmorph.fit(other, str(tmp_path / "part"), progress=False)
+    assert (tmp_path / "part" / "config.json").read_text() == saved
 
 
 def test_too_many_label_classes_is_an_error(tmp_path):
@@ -435,6 +442,12 @@ def test_too_many_label_classes_is_an_error(tmp_path):
         _save(root / "labels" / f"s{i}.nii.gz", np.arange(1600, dtype=np.int32).reshape(40, 40) * 7, np.eye(4))
     with pytest.raises(ValueError, match=r"many: the label maps hold 1600 distinct labels, more than MAX_LABELS"):
         datasets.from_folder(root)
+    from jaxreg import models
+    from jaxreg.methods import voxelmorph
+
+    model = models.build(ndim=2, preset=None, encoder=(4, 8), decoder=(8, 8, 4))
+    with pytest.raises(ValueError, match="one-hot encodes 1001 label classes, more than 1000"):
+        voxelmorph.Loss(model, dice_weight=1.0, num_labels=1001)
 
 
 @pytest.mark.parametrize("field, value, needle", [

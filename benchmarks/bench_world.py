@@ -91,6 +91,31 @@ def run_ants(fixed_path, moving_path, multimodal):
     return itk.read_affine(out["fwdtransforms"][0]), time.perf_counter() - t0
 
 
+def run_elastix(fixed_path, moving_path, multimodal):
+    """elastix's default "affine" parameter map (Mattes mutual information, 4 resolutions), read back through an ITK
+    transform file so that the one reader (``jaxreg.data.itk.read_affine``) converts LPS to RAS."""
+    import tempfile
+
+    import itk
+
+    from jaxreg.data import itk as jitk
+
+    t0 = time.perf_counter()
+    fixed, moving = itk.imread(fixed_path, itk.F), itk.imread(moving_path, itk.F)
+    po = itk.ParameterObject.New()
+    po.AddParameterMap(po.GetDefaultParameterMap("affine"))
+    _, params = itk.elastix_registration_method(fixed, moving, parameter_object=po, log_to_console=False)
+    seconds = time.perf_counter() - t0
+    values = " ".join(params.GetParameter(0, "TransformParameters"))
+    centre = " ".join(params.GetParameter(0, "CenterOfRotationPoint"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "elastix_affine.txt")
+        with open(path, "w") as f:
+            f.write("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                    f"Parameters: {values}\nFixedParameters: {centre}\n")
+        return jitk.read_affine(path), seconds
+
+
 def mindboggle_crop(folder, fixed_id=1, moving_id=2, resolution=2.0):
     """The field-of-view case on real anatomy: Mindboggle subject ``moving_id`` registered to ``fixed_id`` (both
     resampled to ``resolution`` mm), as given and cropped to its brain's bounding box (+ 4 voxels): with the moving
@@ -143,6 +168,13 @@ def main(argv=None):
         import ants  # noqa: F401
 
         peers["ANTsPy Affine"] = run_ants
+    except ImportError:
+        pass
+    try:
+        import itk
+
+        if hasattr(itk, "elastix_registration_method"):
+            peers["elastix affine"] = run_elastix
     except ImportError:
         pass
     rows = []

@@ -1,6 +1,8 @@
 """The ``jaxreg`` command: register NIfTI images, apply saved transforms, run the demo.
 
     jaxreg register FIXED MOVING -o OUTDIR [options]   register MOVING onto FIXED, write results to OUTDIR
+    jaxreg register FIXED MOVING_DIR -o OUTDIR [...]     every image of MOVING_DIR onto FIXED, into OUTDIR/NAME/
+    jaxreg register --pairs PAIRS.csv -o OUTDIR [...]    every row's pair, into OUTDIR/NAME/, compiling once
     jaxreg apply OUTDIR IMAGE -o OUT                     pull another image (any grid) through a saved result
     jaxreg apply AFFINE.txt IMAGE -o OUT --reference F   ... or through an ITK/ANTs affine file
     jaxreg demo -o OUTDIR                                make a brain pair from the embedded data and register it
@@ -19,11 +21,26 @@ writable, would overwrite an input, or holds an earlier run's results (``--overw
 no stale file remains). A mask too small to constrain the transform is an error (fewer voxels than parameters) or a
 warning; so is a result that folds more than 1 % of its voxels or scales by less than 1/2 or more than 2 (warnings
 go to stderr and report.json).
+
+Many pairs in one process (``run_pairs``): a CSV with the columns ``fixed,moving`` and optionally
+``moving_labels,fixed_labels,fixed_mask,moving_mask,name`` (paths relative to the CSV's folder), or one FIXED and a
+folder MOVING_DIR (every ``*.nii``/``*.nii.gz`` in it, sorted; ``--moving-labels``/``--moving-mask`` are then folders
+holding files of the same names). Each pair is one ``run_register`` call writing what a single call writes into
+``OUTDIR/NAME/``; programs of the same shapes are compiled once. Every row is checked (files, headers, grids, output
+folders) before the first pair is registered; a pair the engine refuses is recorded and the others go on (exit
+status 2 at the end). ``OUTDIR/pairs.json`` holds each pair's Dice, folding and seconds, and s/pair.
+
+``report.json``'s ``seconds``: ``startup`` (process start to ``main``: Linux only, else None), ``compile`` (XLA
+compilation and persistent-cache loads during the call, JAX's monitoring events), ``register`` (the engine, its
+compilation included), ``optimize`` (``register`` less the compilation in it), ``per_level``, ``io`` (reading and
+checking the inputs, writing the results) and ``total`` (the call up to writing: not the writing itself).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -34,6 +51,8 @@ import numpy as np
 
 from jaxreg import losses, optimize, transforms
 
+#: the columns of a --pairs CSV: the first two are required
+PAIR_COLUMNS = ("fixed", "moving", "moving_labels", "fixed_labels", "fixed_mask", "moving_mask", "name")
 NONE = "none"  # the command's spelling of None (skip a stage, no regulariser)
 LEARNED = "learned"  # --metric learned: jaxreg.methods.learned_metric.metric with --metric-checkpoint
 
@@ -47,8 +66,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Register MOVING onto FIXED (NIfTI, 2-D or 3-D) and write the results to OUTDIR. "
                                    "Each engine option comes from --preset unless its flag is given; brackets "
                                    "show the option's default, then the presets that differ from it.")
-    r.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
-    r.add_argument("moving", help="moving image, on any grid: it keeps its own (no resampling before registering)")
+    r.add_argument("fixed", nargs="?", help="fixed image (.nii/.nii.gz)")
+    r.add_argument("moving", nargs="?",
+                   help="moving image, on any grid: it keeps its own (no resampling before registering); or a folder: "
+                        "each of its *.nii/*.nii.gz (sorted; FIXED itself skipped) is registered onto FIXED into "
+                        "OUTDIR/NAME/ (NAME: the file name without .nii/.nii.gz), and --moving-labels/--moving-mask "
+                        "are then folders holding files of the same names")
+    r.add_argument("--pairs", metavar="PAIRS.csv",
+                   help="register many pairs in one process (compiling once) instead of FIXED MOVING: a CSV with a "
+                        "header, columns fixed,moving and optionally " + ",".join(PAIR_COLUMNS[2:]) + " (paths "
+                        "relative to the CSV's folder); each pair's results go to OUTDIR/NAME/ (NAME: the name column, "
+                        "else the moving file name without .nii/.nii.gz), a summary to OUTDIR/pairs.json")
     _register_options(r)
 
     a = sub.add_parser("apply", help="apply a saved result to another image", formatter_class=fmt)
@@ -424,20 +452,20 @@ def _result_warnings(reg, folding: float) -> list:
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
                  fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
                  inverse=False, l2r=None, initial_affine=None, overwrite=False,
-                 assume_identity_affine=False) -> dict:
+                 assume_identity_affine=False, startup=None) -> dict:
     """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
     the results with ``Registration.save``; returns the report dict.
 
     Everything is checked before registering (module docstring): the output folder (``overwrite``: replace an
     earlier run's results), every input file, masks and label maps on their image's grid, masks large enough.
-    ``assume_identity_affine``: accept files without orientation (``io.check_header``).
+    ``assume_identity_affine``: accept files without orientation (``io.check_header``). ``startup``: the seconds
+    from the process's start to ``main`` (``report["seconds"]["startup"]``; the module docstring lists the split).
     """
     from jaxreg import metrics, spatial, world
 
-    t_start = time.perf_counter()
-    if fixed_labels and not moving_labels:
-        raise ValueError(f"--fixed-labels {fixed_labels} is scored against the warped --moving-labels: give "
-                         f"--moving-labels too (or drop --fixed-labels)")
+    _listen_to_compiles()
+    t_start, compiled = time.perf_counter(), _compiled()
+    _labels_need_moving_labels(fixed_labels, moving_labels)
     inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
                                            moving_mask, initial_affine) if p}
     _check_output(output, inputs, overwrite=overwrite, l2r=l2r)
@@ -458,7 +486,9 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
             if not labels:
                 warnings += _mask_warnings(vol, path, what, opts)
             given[what] = vol
+    t_loaded = time.perf_counter()
     callback, progress = _progress(quiet)
+    before = _compiled()
     try:
         reg = world.register_images(fixed, moving, options=opts, moving_labels=given.get("--moving-labels"),
                                     fixed_mask=given.get("--fixed-mask"), moving_mask=given.get("--moving-mask"),
@@ -466,6 +496,7 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
                                     progress=progress)
     except ValueError as err:  # the pyramid checked against the image size names its option
         raise ValueError(_with_flag(err)) from err
+    in_register = _compiled(before)[0]
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {
@@ -473,7 +504,8 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
         "options": _options_json(reg.options),
         "shape": list(reg.fixed.shape), "spacing_mm": [float(s) for s in reg.fixed.spacing],
         "moving_shape": list(reg.moving.shape), "moving_spacing_mm": [float(s) for s in reg.moving.spacing],
-        "seconds": {"register": reg.seconds["total"],
+        "seconds": {"startup": startup, "register": reg.seconds["total"],
+                    "optimize": max(0.0, reg.seconds["total"] - in_register),
                     "per_level": {k: v for k, v in reg.seconds.items() if k != "total"}},
         "final_loss": {k: float(h[~np.isnan(h)][-1]) if np.any(~np.isnan(h)) else None for k, h in history.items()},
         "iterations": {k: int(np.sum(~np.isnan(h))) for k, h in history.items()},
@@ -495,9 +527,364 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
             report["dice"] = {str(k): v for k, v in dice.items()}
             report["mean_dice"] = float(np.nanmean(list(dice.values()))) if dice else None
             report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
-    report["seconds"]["total"] = time.perf_counter() - t_start
+    seconds = report["seconds"]
+    seconds["total"] = time.perf_counter() - t_start  # up to writing, as before the time split
+    seconds["compile"], seconds["compile_cache_load"] = _compiled(compiled)
+    seconds["io"] = t_loaded - t_start  # reading; the writing is added below
+    t_save = time.perf_counter()
     report["files"] = reg.save(output, inverse=inverse, l2r=tuple(l2r) if l2r else None, report=report)
+    seconds["io"] += time.perf_counter() - t_save
+    seconds["compile"], seconds["compile_cache_load"] = _compiled(compiled)  # with the writing's (resampling)
+    _update_report_seconds(output, seconds)
     return report
+
+
+def _update_report_seconds(output, seconds) -> None:
+    """Put the final ``seconds`` (the writing's time included) into ``output``'s report.json, atomically (the
+    results are already in place: a failure here only warns)."""
+    from jaxreg.data import io
+
+    path = os.path.join(output, "report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            written = json.load(f)
+        written["seconds"] = seconds
+        io.write_json(path, written)
+    except (OSError, ValueError) as err:
+        print(f"jaxreg register: warning: {path}: could not add the writing time to seconds.io ({err})",
+              file=sys.stderr, flush=True)
+
+
+def _labels_need_moving_labels(fixed_labels, moving_labels) -> None:
+    if fixed_labels and not moving_labels:
+        raise ValueError(f"--fixed-labels {fixed_labels} is scored against the warped --moving-labels: give "
+                         f"--moving-labels too (or drop --fixed-labels)")
+
+
+#: JAX's monitoring events timing compilation (JAX 0.4 to 0.10: ``jax/_src/dispatch.py`` and ``compiler.py``): the
+#: backend compile, which times ``compile_or_get_cached`` and so includes a persistent-cache load, and that load
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+_compile_seconds = {_COMPILE_EVENT: 0.0, _CACHE_LOAD_EVENT: 0.0}  # summed over the process by the listener
+_listening = []
+
+
+def _listen_to_compiles() -> None:
+    """Register (once per process) a ``jax.monitoring`` listener summing the compile events' durations."""
+    if _listening:
+        return
+    from jax import monitoring
+
+    def listener(event, duration, **_):
+        if event in _compile_seconds:
+            _compile_seconds[event] += float(duration)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    _listening.append(listener)
+
+
+def _compiled(since=None) -> tuple:
+    """``(compile, cache_load)`` seconds summed by the listener so far, or since an earlier ``_compiled()``."""
+    now = (_compile_seconds[_COMPILE_EVENT], _compile_seconds[_CACHE_LOAD_EVENT])
+    return now if since is None else tuple(a - b for a, b in zip(now, since))
+
+
+def _process_age():
+    """Seconds since this process started: ``/proc/self/stat``'s start time (field 22, clock ticks after boot)
+    against ``/proc/uptime``; None where these do not exist (not Linux) or disagree."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        started = int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")  # fields from 3 on
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    age = uptime - started
+    return age if age >= 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One pair of a many-pairs run: its output folder's ``name``, ``where`` it was given (for messages: a CSV row
+    or a file of MOVING_DIR) and its files (absolute paths; None: not given)."""
+    name: str
+    where: str
+    fixed: str
+    moving: str
+    moving_labels: str | None = None
+    fixed_labels: str | None = None
+    fixed_mask: str | None = None
+    moving_mask: str | None = None
+
+    def files(self) -> dict:
+        """``{what: path}`` of the files given, named as the command names them."""
+        named = {"FIXED": self.fixed, "MOVING": self.moving, "--moving-labels": self.moving_labels,
+                 "--fixed-labels": self.fixed_labels, "--fixed-mask": self.fixed_mask,
+                 "--moving-mask": self.moving_mask}
+        return {what: path for what, path in named.items() if path}
+
+
+_NIFTI = (".nii.gz", ".nii")
+PAIRS_JSON = "pairs.json"
+
+
+def _stem(path) -> str:
+    """A file's name without .nii/.nii.gz."""
+    name = os.path.basename(path)
+    for suffix in _NIFTI:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def pairs_from_csv(path) -> list:
+    """The pairs of a CSV (header row; columns ``PAIR_COLUMNS``, ``fixed`` and ``moving`` required; empty cells
+    are not given; paths relative to the CSV's folder). Errors name the file and the row (1: the first after the
+    header)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--pairs {path}: no such file")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"--pairs {path}: not a readable CSV file ({err})") from err
+    unknown = [c for c in columns if c not in PAIR_COLUMNS]
+    missing = [c for c in ("fixed", "moving") if c not in columns]
+    if missing or unknown:
+        raise ValueError(f"--pairs {path}: its header has the columns {columns}: "
+                         + (f"{' and '.join(missing)} missing" if missing else f"unknown {unknown}")
+                         + f" (expected fixed,moving and optionally {','.join(PAIR_COLUMNS[2:])})")
+    pairs = []
+    for i, row in enumerate(rows, 1):
+        where = f"--pairs {path} row {i}"
+        if None in row:  # more cells than header columns
+            raise ValueError(f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)}")
+        cells = {k.strip(): (v or "").strip() for k, v in row.items()}
+        for column in ("fixed", "moving"):
+            if not cells.get(column):
+                raise ValueError(f"{where}: the {column} cell is empty")
+        given = {k: os.path.join(folder, os.path.expanduser(v)) for k, v in cells.items()
+                 if v and k != "name"}  # an absolute path stays as it is
+        pairs.append(Pair(name=cells.get("name") or _stem(given["moving"]), where=where,
+                          **{k: os.path.abspath(v) for k, v in given.items()}))
+    if not pairs:
+        raise ValueError(f"--pairs {path}: no rows after the header")
+    return pairs
+
+
+def pairs_from_folder(fixed, moving_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
+                      moving_mask=None) -> list:
+    """One pair per ``*.nii``/``*.nii.gz`` file of ``moving_dir`` (sorted; ``fixed`` itself skipped), each onto
+    ``fixed``. ``moving_labels``, ``moving_mask``: folders holding a file of the same name for every moving image;
+    ``fixed_labels``, ``fixed_mask``: files (of the one fixed image)."""
+    if os.path.isdir(fixed):
+        raise ValueError(f"FIXED {fixed} is a folder: give one fixed image (many fixed images: --pairs PAIRS.csv)")
+    for flag, path in (("--fixed-labels", fixed_labels), ("--fixed-mask", fixed_mask)):
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: with a MOVING folder it is one file, of FIXED")
+    for flag, path in (("--moving-labels", moving_labels), ("--moving-mask", moving_mask)):
+        if path and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is not a folder: with a MOVING folder, give a folder holding a file of "
+                             f"the same name for every moving image")
+    skip = os.path.abspath(fixed)
+    names = sorted(n for n in os.listdir(moving_dir) if n.endswith(_NIFTI) and not n.startswith(".")
+                   and os.path.isfile(os.path.join(moving_dir, n)) and os.path.abspath(os.path.join(moving_dir, n)) != skip)
+    if not names:
+        raise ValueError(f"MOVING {moving_dir}: a folder with no .nii/.nii.gz file")
+    pairs = []
+    for name in names:
+        moving = os.path.abspath(os.path.join(moving_dir, name))
+        extra = {}
+        for flag, key, folder in (("--moving-labels", "moving_labels", moving_labels),
+                                  ("--moving-mask", "moving_mask", moving_mask)):
+            if folder:
+                extra[key] = os.path.abspath(os.path.join(folder, name))
+                if not os.path.isfile(extra[key]):
+                    raise FileNotFoundError(f"{flag} {folder}: no file {name} for MOVING {moving}")
+        pairs.append(Pair(name=_stem(name), where=f"MOVING {moving}", fixed=os.path.abspath(fixed), moving=moving,
+                          fixed_labels=fixed_labels and os.path.abspath(fixed_labels),
+                          fixed_mask=fixed_mask and os.path.abspath(fixed_mask), **extra))
+    return pairs
+
+
+def _header_grid(path, what, *, assume_identity_affine=False):
+    """The voxel grid a NIfTI header declares, checked (``io.check_header``) without reading the voxels."""
+    import types
+
+    import nibabel as nib
+
+    from jaxreg.data import io
+
+    if not path.endswith(_NIFTI):
+        raise ValueError(f"{what} {path}: expected a NIfTI file name ending in .nii or .nii.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        img = nib.load(path)
+        nifti = isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
+        affine = io.check_header(path, img, assume_identity_affine=assume_identity_affine) if nifti else None
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError...)
+        text = str(err) if str(err).startswith(path) else f"{path}: not a readable NIfTI file ({err})"
+        raise ValueError(f"{what} {text}") from err
+    if not nifti:
+        raise ValueError(f"{what} {path}: not a NIfTI image ({type(img).__name__})")
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    while len(shape) > 2 and shape[-1] == 1:  # the storage layouts io.load squeezes
+        shape = shape[:-1]
+    nd = len(shape)
+    return types.SimpleNamespace(shape=shape, ndim=nd, affine=affine,
+                                 spacing=np.linalg.norm(affine[:3, :min(nd, 3)], axis=0))
+
+
+def check_pairs(pairs, output, *, overwrite=False, assume_identity_affine=False) -> None:
+    """Check every pair before the first is registered (a bad row fails at once, naming it): unique names usable as
+    folder names; every file present with a readable header (``io.check_header``); FIXED and MOVING of the same
+    dimension; label maps and masks on their image's grid; ``--fixed-labels`` with ``--moving-labels``; OUTDIR a
+    folder and every ``OUTDIR/NAME`` writable, overwriting no input, free of an earlier run's results unless
+    ``overwrite`` (as a single call checks its OUTDIR); ``OUTDIR/pairs.json`` likewise. Voxels are read by each
+    pair's own ``run_register`` (NaN, constant images, masks too small are that pair's failure)."""
+    seen = {}
+    for pair in pairs:
+        name = pair.name
+        if name in ("", ".", "..", PAIRS_JSON) or name.startswith(".") or os.sep in name or "/" in name:
+            raise ValueError(f"{pair.where}: name {name!r} cannot be a folder of OUTDIR (no path separator, not "
+                             f"empty, not starting with '.', not {PAIRS_JSON})")
+        if name in seen:
+            raise ValueError(f"{pair.where}: name {name!r} is already taken by {seen[name]}: each pair needs its "
+                             f"own output folder OUTDIR/NAME (give unique names, e.g. a name column in the CSV)")
+        seen[name] = pair.where
+    grids = {}
+    flag = {"assume_identity_affine": assume_identity_affine}
+    for pair in pairs:
+        try:
+            _labels_need_moving_labels(pair.fixed_labels, pair.moving_labels)
+            for what, path in pair.files().items():
+                if path not in grids:
+                    grids[path] = _header_grid(path, what, **flag)
+            fixed, moving = grids[pair.fixed], grids[pair.moving]
+            if fixed.ndim != moving.ndim:
+                raise ValueError(f"FIXED {pair.fixed} is {fixed.ndim}-D but MOVING {pair.moving} is {moving.ndim}-D")
+            for what, path, image, image_path, image_what in (
+                    ("--moving-labels", pair.moving_labels, moving, pair.moving, "moving"),
+                    ("--fixed-labels", pair.fixed_labels, fixed, pair.fixed, "fixed"),
+                    ("--fixed-mask", pair.fixed_mask, fixed, pair.fixed, "fixed"),
+                    ("--moving-mask", pair.moving_mask, moving, pair.moving, "moving")):
+                if path:
+                    _same_grid(grids[path], path, what, image, image_path, image_what)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{pair.where}: {err}") from err
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"-o {output} is an existing file, not a folder: give a folder for the results")
+    summary = os.path.join(output, PAIRS_JSON)
+    if os.path.exists(summary) and not overwrite:
+        raise ValueError(f"-o {output} holds an earlier run's {PAIRS_JSON}: pass --overwrite to replace the results, "
+                         f"or choose another folder")
+    inputs = set(grids)
+    if os.path.abspath(summary) in inputs:
+        raise ValueError(f"-o {output} would overwrite the input {os.path.abspath(summary)}")
+    for pair in pairs:
+        try:
+            _check_output(os.path.join(output, pair.name), inputs, overwrite=overwrite)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{pair.where}: {err}") from err
+
+
+def run_pairs(pairs, output, opts: optimize.RegisterOptions, *, quiet=False, overwrite=False,
+              assume_identity_affine=False, startup=None, t_main=None, **register) -> dict:
+    """Register each pair in one process with ``run_register`` (the same code as a single call) into
+    ``output/NAME/``; programs of the same shapes are compiled once. Returns the summary written to
+    ``output/pairs.json`` (after every pair, atomically; ``complete`` once all were tried).
+
+    Every pair is checked first (``check_pairs``). A pair that fails with ``ValueError`` (the engine refusing its
+    images: constant, NaN voxels, too small for the pyramid...) is recorded (``status``, ``error``) and the others
+    go on. ``register``: the other keywords of ``run_register``, the same for every pair. ``t_main``: the
+    ``time.perf_counter()`` at ``main``'s entry (the summary's wall time starts there; default: now).
+    """
+    from jaxreg.data import io
+
+    t_main = time.perf_counter() if t_main is None else t_main
+    flag = {"assume_identity_affine": assume_identity_affine}
+    check_pairs(pairs, output, overwrite=overwrite, **flag)
+    validated = time.perf_counter() - t_main
+    os.makedirs(output, exist_ok=True)
+    rows, n = [], len(pairs)
+    summary = {"pairs": n, "done": 0, "failed": [], "complete": False, "options": _options_json(opts),
+               "seconds": {}, "results": rows}
+    for i, pair in enumerate(pairs, 1):
+        if not quiet:
+            print(f"[{i}/{n}] {pair.name}: {pair.moving} onto {pair.fixed}", file=sys.stderr, flush=True)
+        row = {"name": pair.name, "output": os.path.abspath(os.path.join(output, pair.name)),
+               **{k: getattr(pair, k) for k in PAIR_COLUMNS if k != "name"}}
+        t_pair = time.perf_counter()
+        try:
+            report = run_register(pair.fixed, pair.moving, row["output"], opts, moving_labels=pair.moving_labels,
+                                  fixed_labels=pair.fixed_labels, fixed_mask=pair.fixed_mask,
+                                  moving_mask=pair.moving_mask, quiet=quiet, overwrite=overwrite, startup=startup,
+                                  **flag, **register)
+        except (ValueError, FileNotFoundError) as err:
+            error = " ".join(str(err).split())
+            row.update(status="failed", error=error, seconds={"wall": time.perf_counter() - t_pair})
+            summary["failed"].append(pair.name)
+            print(f"{pair.name}: failed after {_s(row['seconds']['wall'])}: {error}", flush=True)
+        else:
+            secs = {k: v for k, v in report["seconds"].items() if k not in ("startup", "per_level")}
+            secs["wall"] = time.perf_counter() - t_pair
+            row.update(status="ok", error=None, mean_dice_before=report.get("mean_dice_before"),
+                       mean_dice=report.get("mean_dice"),
+                       folding_percent=100 * report["jacobian"]["folding_fraction"],
+                       warnings=report["warnings"], seconds=secs)
+            print(f"{pair.name}: {_pair_line(row)}", flush=True)
+        rows.append(row)
+        summary["done"] = i
+        summary["seconds"] = _pairs_seconds(rows, startup, validated, time.perf_counter() - t_main)
+        io.write_json(os.path.join(output, PAIRS_JSON), summary)  # atomically: a temp file, then os.replace
+    summary["complete"] = True
+    io.write_json(os.path.join(output, PAIRS_JSON), summary)
+    return summary
+
+
+def _s(seconds) -> str:
+    """Seconds as the summaries print them: 0.1 s resolution, two digits below 1 s."""
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2g} s"
+
+
+def _pair_line(row) -> str:
+    secs = row["seconds"]
+    line = (f"{_s(secs['wall'])} (compilation {_s(secs['compile'])}, optimisation {_s(secs['optimize'])}, "
+            f"I/O {_s(secs['io'])}); folding {row['folding_percent']:.3f} %")
+    if row.get("mean_dice") is not None:
+        line += f"; mean Dice {row['mean_dice_before']:.3f} -> {row['mean_dice']:.3f}"
+    return line
+
+
+def _pairs_seconds(rows, startup, validated, total) -> dict:
+    """The summary's seconds: ``total`` (from ``main``, start-up not included) over all pairs tried, and over the
+    pairs after the first that succeeded (that one compiled: the steady state); sums of each pair's split."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    after = [r["seconds"]["wall"] for r in ok[1:]]
+    out = {"startup": startup, "check": validated, "total": total, "per_pair": total / len(rows),
+           "first_pair": ok[0]["seconds"]["wall"] if ok else None,
+           "per_pair_after_first": sum(after) / len(after) if after else None}
+    for key in ("compile", "compile_cache_load", "register", "optimize", "io"):
+        out[key] = sum(r["seconds"][key] for r in ok)
+    return out
+
+
+def _pairs_final_line(summary) -> str:
+    secs, n = summary["seconds"], summary["pairs"]
+    done = n - len(summary["failed"])
+    line = (f"registered {done} pairs" if done == n else f"registered {done} of {n} pairs") + \
+        f" in {_s(secs['total'])}: {_s(secs['per_pair'])}/pair"
+    if secs["first_pair"] is not None:
+        line += f" (first pair {_s(secs['first_pair'])} incl. compilation"
+        if secs["per_pair_after_first"] is not None:
+            line += f"; {_s(secs['per_pair_after_first'])}/pair after"
+        line += ")"
+    return line
 
 
 def run_apply(transform, image_path, output, *, labels=None, reference=None, assume_identity_affine=False):
@@ -544,7 +931,7 @@ def run_apply(transform, image_path, output, *, labels=None, reference=None, ass
     io.save(output, reg.apply(image, labels=labels))
 
 
-def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> dict:
+def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False, startup=None) -> dict:
     """Write a moving/fixed pair (+ labels) to ``output/inputs`` and register it into ``output``."""
     from jaxreg.data import io, synthetic as synth
 
@@ -569,7 +956,8 @@ def run_demo(output, *, contrast="t1", seed=0, synthetic=False, quiet=False) -> 
         io.save(path, pair[k], affine)
     opts = optimize.PRESETS["multimodal" if contrast == "t2" else "default"]
     report = run_register(paths["fixed"], paths["moving"], output, opts, moving_labels=paths["moving_labels"],
-                          fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed, overwrite=True)
+                          fixed_labels=paths["fixed_labels"], quiet=quiet, seed=seed, overwrite=True,
+                          startup=startup)
     report["source"] = source
     return report
 
@@ -587,18 +975,57 @@ def _enable_compilation_cache():
         pass  # a read-only home: run without the cache
 
 
+def _pairs_of(args):
+    """The pairs of ``--pairs`` or of a MOVING folder; None for a single pair (FIXED MOVING). Refuses a misuse of
+    the positionals and the options that hold for a single pair only."""
+    if args.pairs is not None and (args.fixed is not None or args.moving is not None):
+        raise ValueError(f"--pairs {args.pairs} replaces FIXED MOVING: give one or the other")
+    if args.pairs is None and (args.fixed is None or args.moving is None):
+        raise ValueError("give FIXED MOVING (MOVING: an image, or a folder of images) or --pairs PAIRS.csv"
+                         + (f" (FIXED {args.fixed} but no MOVING)" if args.fixed is not None else ""))
+    if args.pairs is None and not os.path.isdir(args.moving):
+        return None
+    for flag, value in (("--l2r", args.l2r), ("--initial-affine", args.initial_affine)):
+        if value:
+            raise ValueError(f"{flag} is for a single pair (FIXED MOVING), not for many pairs")
+    if args.pairs is None:
+        return pairs_from_folder(args.fixed, args.moving, moving_labels=args.moving_labels,
+                                 fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
+                                 moving_mask=args.moving_mask)
+    for flag, value in (("--moving-labels", args.moving_labels), ("--fixed-labels", args.fixed_labels),
+                        ("--fixed-mask", args.fixed_mask), ("--moving-mask", args.moving_mask)):
+        if value:
+            raise ValueError(f"{flag}: with --pairs, give each pair's file in the CSV's column "
+                             f"{flag[2:].replace('-', '_')}")
+    return pairs_from_csv(args.pairs)
+
+
 def main(argv=None) -> int:
+    startup, t_main = _process_age(), time.perf_counter()
     args = _parser().parse_args(argv)
     try:
         _enable_compilation_cache()
+        _listen_to_compiles()
         if args.command == "register":
             opts = _options_from_args(args)
+            pairs = _pairs_of(args)
+            common = {"normalize": not args.no_normalize, "quiet": args.quiet, "seed": args.seed,
+                      "inverse": args.inverse, "overwrite": args.overwrite,
+                      "assume_identity_affine": args.assume_identity_affine, "startup": startup}
+            if pairs is not None:
+                summary = run_pairs(pairs, args.output, opts, t_main=t_main, **common)
+                print(_pairs_final_line(summary))
+                print(f"wrote {len(pairs) - len(summary['failed'])} result folders and {PAIRS_JSON} to {args.output}")
+                if summary["failed"]:
+                    print(f"jaxreg register: error: {len(summary['failed'])} of {len(pairs)} pairs failed: "
+                          f"{', '.join(summary['failed'])} (their errors: {os.path.join(args.output, PAIRS_JSON)})",
+                          file=sys.stderr)
+                    return 2
+                return 0
             report = run_register(args.fixed, args.moving, args.output, opts, moving_labels=args.moving_labels,
                                   fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
-                                  moving_mask=args.moving_mask, normalize=not args.no_normalize, quiet=args.quiet,
-                                  seed=args.seed, inverse=args.inverse, l2r=args.l2r,
-                                  initial_affine=args.initial_affine, overwrite=args.overwrite,
-                                  assume_identity_affine=args.assume_identity_affine)
+                                  moving_mask=args.moving_mask, l2r=args.l2r, initial_affine=args.initial_affine,
+                                  **common)
             _summary(report, args.output)
         elif args.command == "apply":
             run_apply(args.transform, args.image, args.output, labels=args.labels, reference=args.reference,
@@ -606,7 +1033,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.output}")
         else:
             report = run_demo(args.output, contrast=args.contrast, seed=args.seed, synthetic=args.synthetic,
-                              quiet=args.quiet)
+                              quiet=args.quiet, startup=startup)
             print(f"demo pair: {report['source']}; inputs in {os.path.join(args.output, 'inputs')}")
             _summary(report, args.output)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
@@ -617,7 +1044,9 @@ def main(argv=None) -> int:
 
 def _summary(report, output):
     secs = report["seconds"]
-    line = f"registered in {secs['register']:.1f} s (total {secs['total']:.1f} s)"
+    startup = "?" if secs.get("startup") is None else f"{secs['startup']:.1f} s"
+    line = (f"registered in {secs['register']:.1f} s (total {secs['total']:.1f} s; start-up {startup}, compilation "
+            f"{_s(secs['compile'])}, optimisation {_s(secs['optimize'])}, I/O {_s(secs['io'])})")
     line += f"; folding voxels {100 * report['jacobian']['folding_fraction']:.3f} %"
     if report.get("mean_dice") is not None:
         line += f"; mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice']:.3f}"

@@ -30,7 +30,8 @@ holding files of the same names). Each pair is one ``run_register`` call writing
 folders) before the first pair is registered; a pair the engine refuses is recorded and the others go on (exit
 status 2 at the end). ``OUTDIR/pairs.json`` holds each pair's Dice, folding and seconds, and s/pair.
 
-``report.json``'s ``seconds``: ``startup`` (process start to ``main``: Linux only, else None), ``compile`` (XLA
+``report.json``'s ``seconds``: ``startup`` (process start to ``main``, the same for every pair of a run: Linux
+only, else None), ``compile`` (XLA
 compilation and persistent-cache loads during the call, JAX's monitoring events), ``register`` (the engine, its
 compilation included), ``optimize`` (``register`` less the compilation in it), ``per_level``, ``io`` (reading and
 checking the inputs, writing the results) and ``total`` (the call up to writing: not the writing itself).
@@ -195,8 +196,9 @@ def _register_options(r):
                                                "configs/learned_metric.py), for the stage(s) using learned "
                                                "(--metric and/or --affine-metric)")
     r.add_argument("--fixed-mask", help="fixed-image mask (NIfTI, > 0 inside)")
-    r.add_argument("--moving-mask", help="moving-image mask (NIfTI, > 0 inside)")
-    r.add_argument("--moving-labels", help="moving label map: warped with nearest neighbour")
+    r.add_argument("--moving-mask", help="moving-image mask (NIfTI, > 0 inside); a folder of them when MOVING is one")
+    r.add_argument("--moving-labels", help="moving label map: warped with nearest neighbour; a folder of them (the "
+                                           "moving images' file names) when MOVING is a folder")
     r.add_argument("--fixed-labels", help="fixed label map: Dice per label is reported")
     r.add_argument("--no-normalize", action="store_true", help="skip robust [0.5, 99.5] percentile scaling")
     r.add_argument("--seed", type=int, default=0, help="seed (kept in the report; the engine is deterministic)")

@@ -133,6 +133,19 @@ def test_a_folder_of_moving_images_with_a_folder_of_label_maps(data, capsys, tmp
     assert [r["moving_labels"] for r in rows] == [str(d / "labels" / f"sub{i}.nii.gz") for i in (1, 2, 3)]
     assert all(r["mean_dice"] > 0.9 for r in rows)
 
+    # FIXED inside the folder is not registered onto itself; other files (not .nii/.nii.gz, hidden) are skipped
+    folder = tmp_path / "with_fixed"
+    folder.mkdir()
+    for name, source in (("fixed.nii.gz", data["fixed"]), ("sub2.nii", d / "images" / "sub2.nii.gz"),
+                         ("notes.txt", data["fixed"]), (".sub3.nii.gz", d / "images" / "sub3.nii.gz")):
+        if name.endswith(".nii"):
+            _write(folder / name, nib.load(source).get_fdata(), data["affine"])
+        else:
+            (folder / name).write_bytes(open(source, "rb").read())
+    assert _register(str(folder / "fixed.nii.gz"), str(folder), "-o", str(tmp_path / "out3")) == 0
+    assert sorted(os.listdir(tmp_path / "out3")) == ["pairs.json", "sub2"]
+    capsys.readouterr()
+
     # a label map missing from the folder is named, before anything runs
     partial = tmp_path / "partial_labels"
     partial.mkdir()

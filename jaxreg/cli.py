@@ -31,8 +31,9 @@ folders) before the first pair is registered; a pair the engine refuses is recor
 status 2 at the end). ``OUTDIR/pairs.json`` holds each pair's Dice, folding and seconds, and s/pair.
 
 ``report.json``'s ``seconds``: ``startup`` (process start to ``main``, the same for every pair of a run: Linux
-only, else None), ``compile`` (XLA
-compilation and persistent-cache loads during the call, JAX's monitoring events), ``register`` (the engine, its
+only, else None), ``compile`` (tracing,
+lowering and XLA compilation or persistent-cache loads during the call, from JAX's monitoring events; the loads
+alone: ``compile_cache_load``), ``register`` (the engine, its
 compilation included), ``optimize`` (``register`` less the compilation in it), ``per_level``, ``io`` (reading and
 checking the inputs, writing the results) and ``total`` (the call up to writing: not the writing itself).
 """
@@ -466,7 +467,7 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     from jaxreg import metrics, spatial, world
 
     _listen_to_compiles()
-    t_start, compiled = time.perf_counter(), _compiled()
+    t_start, compiled = time.perf_counter(), _compile_mark()
     _labels_need_moving_labels(fixed_labels, moving_labels)
     inputs = {os.path.abspath(p) for p in (fixed_path, moving_path, moving_labels, fixed_labels, fixed_mask,
                                            moving_mask, initial_affine) if p}
@@ -490,7 +491,7 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
             given[what] = vol
     t_loaded = time.perf_counter()
     callback, progress = _progress(quiet)
-    before = _compiled()
+    before = _compile_mark()
     try:
         reg = world.register_images(fixed, moving, options=opts, moving_labels=given.get("--moving-labels"),
                                     fixed_mask=given.get("--fixed-mask"), moving_mask=given.get("--moving-mask"),
@@ -498,7 +499,7 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
                                     progress=progress)
     except ValueError as err:  # the pyramid checked against the image size names its option
         raise ValueError(_with_flag(err)) from err
-    in_register = _compiled(before)[0]
+    in_register = _compiled_since(before)[0]
     jac = np.asarray(spatial.jacobian_determinant(reg.disp))
     history = {k: np.asarray(h) for k, h in reg.history.items()}
     report = {
@@ -531,12 +532,12 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
             report["mean_dice_before"] = float(np.nanmean(list(before.values()))) if before else None
     seconds = report["seconds"]
     seconds["total"] = time.perf_counter() - t_start  # up to writing, as before the time split
-    seconds["compile"], seconds["compile_cache_load"] = _compiled(compiled)
+    seconds["compile"], seconds["compile_cache_load"] = _compiled_since(compiled)
     seconds["io"] = t_loaded - t_start  # reading; the writing is added below
     t_save = time.perf_counter()
     report["files"] = reg.save(output, inverse=inverse, l2r=tuple(l2r) if l2r else None, report=report)
     seconds["io"] += time.perf_counter() - t_save
-    seconds["compile"], seconds["compile_cache_load"] = _compiled(compiled)  # with the writing's (resampling)
+    seconds["compile"], seconds["compile_cache_load"] = _compiled_since(compiled)  # with the writing's
     _update_report_seconds(output, seconds)
     return report
 
@@ -563,32 +564,60 @@ def _labels_need_moving_labels(fixed_labels, moving_labels) -> None:
                          f"--moving-labels too (or drop --fixed-labels)")
 
 
-#: JAX's monitoring events timing compilation (JAX 0.4 to 0.10: ``jax/_src/dispatch.py`` and ``compiler.py``): the
-#: backend compile, which times ``compile_or_get_cached`` and so includes a persistent-cache load, and that load
+#: JAX's monitoring events timing compilation (JAX 0.4 to 0.10: ``jax/_src/dispatch.py``, ``pjit.py``,
+#: ``compiler.py``): tracing to a jaxpr (nested: an inner jit is traced inside its caller), lowering to MLIR, and
+#: XLA's backend compile, which times ``compile_or_get_cached`` and so includes a persistent-cache load; that load
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
 _compile_seconds = {_COMPILE_EVENT: 0.0, _CACHE_LOAD_EVENT: 0.0}  # summed over the process by the listener
+_compile_spans = []  # (start, end) of every tracing, lowering and backend compile, when JAX reports time spans
 _listening = []
 
 
 def _listen_to_compiles() -> None:
-    """Register (once per process) a ``jax.monitoring`` listener summing the compile events' durations."""
+    """Register (once per process) ``jax.monitoring`` listeners for the compile events: their time spans (merged,
+    since tracing nests) and, where JAX has no time-span listeners, the backend compile's durations."""
     if _listening:
         return
     from jax import monitoring
 
-    def listener(event, duration, **_):
+    def durations(event, duration, **_):
         if event in _compile_seconds:
             _compile_seconds[event] += float(duration)
 
-    monitoring.register_event_duration_secs_listener(listener)
-    _listening.append(listener)
+    def spans(event, start, end, **_):
+        if event == _COMPILE_EVENT or event in _TRACE_EVENTS:
+            _compile_spans.append((float(start), float(end)))
+
+    monitoring.register_event_duration_secs_listener(durations)
+    _listening.append(durations)
+    if hasattr(monitoring, "register_event_time_span_listener"):
+        monitoring.register_event_time_span_listener(spans)
+        _listening.append(spans)
 
 
-def _compiled(since=None) -> tuple:
-    """``(compile, cache_load)`` seconds summed by the listener so far, or since an earlier ``_compiled()``."""
-    now = (_compile_seconds[_COMPILE_EVENT], _compile_seconds[_CACHE_LOAD_EVENT])
-    return now if since is None else tuple(a - b for a, b in zip(now, since))
+def _union(spans) -> float:
+    """The length of the union of ``(start, end)`` intervals (nested tracing counted once)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _compile_mark() -> tuple:
+    """The compile counters now, for ``_compiled_since``."""
+    return len(_compile_spans), _compile_seconds[_COMPILE_EVENT], _compile_seconds[_CACHE_LOAD_EVENT]
+
+
+def _compiled_since(mark) -> tuple:
+    """``(compile, cache_load)``: the seconds spent compiling since ``mark`` (tracing, lowering and XLA compilation;
+    XLA compilation alone where JAX reports no time spans), and the part of it loading from the persistent cache."""
+    n, compiled, loaded = mark
+    spent = _union(_compile_spans[n:]) if len(_listening) > 1 else _compile_seconds[_COMPILE_EVENT] - compiled
+    return spent, _compile_seconds[_CACHE_LOAD_EVENT] - loaded
 
 
 def _process_age():

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,8 @@ def test_csv_of_three_pairs_writes_what_single_calls_write_and_pairs_json(data, 
     d = data["dir"]
     assert _register(data["fixed"], str(d / "images" / "sub2.nii.gz"), "-o", str(single), "--moving-labels",
                      str(d / "labels" / "sub2.nii.gz"), "--fixed-labels", data["fixed_labels"]) == 0
+    assert re.search(r"registered in [\d.]+ s \(total [\d.]+ s; start-up ([\d.]+ s|\?), compilation [\d.e-]+ s, "
+                     r"optimisation [\d.e-]+ s, I/O [\d.e-]+ s\)", capsys.readouterr().out)
     assert sorted(os.listdir(out / "sub2")) == sorted(os.listdir(single))
     for name in ("warped.nii.gz", "warped_labels.nii.gz", "displacement.nii.gz"):
         np.testing.assert_array_equal(np.asarray(nib.load(out / "sub2" / name).dataobj),
@@ -114,7 +117,7 @@ def test_csv_of_three_pairs_writes_what_single_calls_write_and_pairs_json(data, 
     lines = stdout.splitlines()
     assert lines[0].startswith("sub1: ") and "mean Dice" in lines[0] and lines[2].startswith("sub3: ")
     assert re.search(r"^registered 3 pairs in [\d.]+ s: [\d.]+ s/pair \(first pair [\d.]+ s incl\. compilation; "
-                     r"[\d.e-]+ s/pair after\)$", stdout, re.M), stdout
+                     r"[\d.e-]+ s/pair after\)$", stdout, re.MULTILINE), stdout
 
     # a second run into the same OUTDIR is refused before registering (as a single call), --overwrite replaces
     assert _register("--pairs", data["csv"], "-o", str(out)) == 2
@@ -141,7 +144,7 @@ def test_a_folder_of_moving_images_with_a_folder_of_label_maps(data, capsys, tmp
         if name.endswith(".nii"):
             _write(folder / name, nib.load(source).get_fdata(), data["affine"])
         else:
-            (folder / name).write_bytes(open(source, "rb").read())
+            (folder / name).write_bytes(Path(source).read_bytes())
     assert _register(str(folder / "fixed.nii.gz"), str(folder), "-o", str(tmp_path / "out3")) == 0
     assert sorted(os.listdir(tmp_path / "out3")) == ["pairs.json", "sub2"]
     capsys.readouterr()
@@ -163,12 +166,12 @@ def test_a_bad_third_row_fails_before_anything_runs(data, capsys, tmp_path):
                                       f"{data['fixed']},{d / 'images' / 'sub2.nii.gz'}",
                                       f"{data['fixed']},{d / 'images' / 'missing.nii.gz'}"])
     out = tmp_path / "out"
-    compiled, t0 = cli._compiled(), time.perf_counter()
+    mark, t0 = cli._compile_mark(), time.perf_counter()
     code = _register("--pairs", csv, "-o", str(out))
     err = capsys.readouterr().err
     assert code == 2 and time.perf_counter() - t0 < 10, err
     assert f"--pairs {csv} row 3: MOVING {d / 'images' / 'missing.nii.gz'}: no such file" in err, err
-    assert not out.exists() and cli._compiled() == compiled  # nothing written, nothing compiled
+    assert not out.exists() and cli._compile_mark() == mark  # nothing written, nothing compiled
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".jaxreg-")]
 
     # a damaged header, a label map on another grid: the same, naming the row
@@ -262,7 +265,8 @@ def test_time_split_measures_process_age_and_compilation():
     assert 0.2 < cli._process_age() - age < 1.0  # it measures real time since the process started
     assert age > 0.1  # pytest had started long before this test
     cli._listen_to_compiles()
-    before = cli._compiled()
+    mark = cli._compile_mark()
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.ones((7, 13, 3))).block_until_ready()  # a new program
-    compiled, _ = cli._compiled(before)
+    compiled, _ = cli._compiled_since(mark)
     assert compiled > 0
+    assert cli._union([(0.0, 10.0), (2.0, 3.0), (5.0, 12.0), (20.0, 21.0)]) == 13.0  # nested tracing counted once

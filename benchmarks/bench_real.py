@@ -495,6 +495,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hd95", action="store_true", help="also HD95 (slow: one distance transform per region)")
     ap.add_argument("--cli", action="store_true", help="also time `jaxreg register` in a fresh process per pair for "
                                                         "every jaxreg preset (warm persistent compilation cache)")
+    ap.add_argument("--cli-pairs", action="store_true",
+                    help="also time `jaxreg register --pairs CSV` (every pair in one process) for every jaxreg preset")
     ap.add_argument("--max-pairs", type=int, default=None, help="only the first N ring pairs")
     ap.add_argument("--limit", default="", help="per-method pair limits, e.g. elastix=2,ants_syn_full=1")
     ap.add_argument("--no-warm-repeat", action="store_true",
@@ -526,9 +528,10 @@ def main(argv=None) -> int:
                     "loadavg_start": list(os.getloadavg())},
         "config": {"subjects": list(subjects), "pairs": todo, "resolution_mm": args.resolution, "crop": args.crop,
                    "margin": args.margin, "two_d": args.two_d, "hd95": args.hd95, "cli": args.cli,
+                   "cli_pairs": args.cli_pairs,
                    "methods": methods, "limits": limits, "skipped": skipped, "data": data,
                    "mask": "folding and SD log J inside the fixed labels > 0"},
-        "rows": [], "cli_warmup": {}, "slices": [],
+        "rows": [], "cli_warmup": {}, "cli_pairs": {}, "slices": [],
     }
     rows = record["rows"]
 
@@ -544,6 +547,7 @@ def main(argv=None) -> int:
     cache_dir = os.path.join(tmp, "xla_cache")
     seen = {}  # jaxreg method -> shapes already compiled in this process
     done = {m: 0 for m in methods}
+    cli_pairs = []  # (paths, fixed labels, row base) of every pair, for --cli-pairs
     try:
         for pi, (fid, mid) in enumerate(todo):
             fixed, fixed_labels = load(data, fid, args.resolution, args.crop, args.margin)
@@ -556,7 +560,7 @@ def main(argv=None) -> int:
                 base.update(slice_axis=sl["axis"], slice_index=sl["index"], slice_shape=list(fixed.shape))
                 record["slices"].append({**base, "affine_seconds": sl["affine_seconds"]})
             paths = None
-            if args.cli and presets:
+            if (args.cli or args.cli_pairs) and presets:
                 paths = {k: os.path.join(tmp, f"pair{pi}_{k}.nii.gz") for k in ("fixed", "moving", "moving_labels")}
                 io.save(paths["fixed"], fixed)
                 io.save(paths["moving"], moving)
@@ -602,6 +606,11 @@ def main(argv=None) -> int:
                 if method in presets and args.cli:
                     _cli_rows(method, paths, fixed_labels, base, tmp, cache_dir, pi, record, args.hd95)
                     save()
+            if paths is not None:
+                cli_pairs.append((paths, fixed_labels, base))
+        for preset in presets if args.cli_pairs else ():
+            _cli_pairs_rows(preset, cli_pairs, tmp, cache_dir, record, args.hd95)
+            save()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     save()
@@ -624,6 +633,49 @@ def _print_row(row: dict) -> None:
     print(f"  {row['method']:>16}: Dice {row['dice_mean']:.3f} (ctx {row['dice_cortex']:.3f}, sub "
           f"{row['dice_subcortex']:.3f}){hd}{fold} {row['seconds']:.1f} s wall, {row['cpu_seconds']:.1f} s CPU"
           f"{extra}", flush=True)
+
+
+def _cli_pairs_rows(preset, cli_pairs, tmp, cache_dir, record, hd95) -> None:
+    """``jaxreg register --pairs CSV --preset P --quiet`` over every pair in one fresh process (the persistent
+    compilation cache of the run): rows ``P_cli_pairs`` (Dice of each pair's warped labels, its seconds) and the
+    command's own summary (wall time, s/pair, first pair, s/pair after it) in ``record["cli_pairs"][P]``."""
+    from jaxreg.data import io
+
+    method, out_dir = f"{preset}_cli_pairs", os.path.join(tmp, f"cli_pairs_{preset}")
+    csv_path = os.path.join(tmp, f"pairs_{preset}.csv")
+    with open(csv_path, "w") as fh:
+        fh.write("name,fixed,moving,moving_labels\n")
+        for k, (paths, _, _) in enumerate(cli_pairs):
+            fh.write(f"pair{k},{paths['fixed']},{paths['moving']},{paths['moving_labels']}\n")
+    cmd = [*jaxreg_executable(), "register", "--pairs", csv_path, "-o", out_dir, "--preset", preset, "--quiet"]
+    t0, k0 = time.perf_counter(), _children_cpu()
+    proc = subprocess.run(cmd, env={**os.environ, "JAXREG_CACHE_DIR": cache_dir}, capture_output=True, text=True,
+                          check=False)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - k0
+    entry = {"command": " ".join(cmd), "wall_seconds": wall, "cpu_seconds": cpu, "returncode": proc.returncode,
+             "pairs": len(cli_pairs), "wall_seconds_per_pair": wall / max(len(cli_pairs), 1)}
+    try:
+        with open(os.path.join(out_dir, "pairs.json")) as fh:
+            entry["summary_seconds"] = json.load(fh)["seconds"]
+    except (OSError, KeyError, ValueError) as exc:
+        entry["error"] = f"{type(exc).__name__}: {exc}; {proc.stderr[-1000:]}"
+    record["cli_pairs"][preset] = entry
+    print(f"  {method}: {len(cli_pairs)} pairs in {wall:.1f} s = {entry['wall_seconds_per_pair']:.1f} s/pair "
+          f"(rc {proc.returncode})", flush=True)
+    for k, (paths, fixed_labels, base) in enumerate(cli_pairs):
+        row = {**base, "method": method}
+        try:
+            with open(os.path.join(out_dir, f"pair{k}", "report.json")) as fh:
+                rep = json.load(fh)
+            warped = np.asarray(io.load_labels(os.path.join(out_dir, f"pair{k}", "warped_labels.nii.gz")).data,
+                                np.int32)
+            row.update(seconds=rep["seconds"]["register"] + rep["seconds"].get("io", 0.0),
+                       cpu_seconds=float("nan"), split=rep["seconds"])
+            row.update(score(fixed_labels, warped, None, fixed_labels.spacing, hd95=hd95))
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        record["rows"].append(row)
+        _print_row(row)
 
 
 def _cli_rows(preset, paths, fixed_labels, base, tmp, cache_dir, pi, record, hd95) -> None:

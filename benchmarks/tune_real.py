@@ -18,7 +18,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -37,6 +36,18 @@ VARIANTS: dict[str, dict] = {
     "diffeo_no_full": {"deformable": "diffeo", "levels": (4, 2), "iterations": (100, 80)},
     "window7": {"metric_options": {"window": 7}},
     "reg1_sigma2": {"reg_weight": 1.0, "field_sigma": 2.0},
+    "crop": {"crop": True},
+    "diffeo_crop": {"deformable": "diffeo", "crop": True},
+    "diffeo_crop_lr0.6": {"deformable": "diffeo", "crop": True, "learning_rate": 0.6},
+    "diffeo_crop_reg0.1": {"deformable": "diffeo", "crop": True, "reg_weight": 0.1},
+    "diffeo_crop_sigma0.5": {"deformable": "diffeo", "crop": True, "field_sigma": 0.5},
+    "crop_reg1": {"crop": True, "reg_weight": 1.0},
+    "diffeo_crop_reg0.05": {"deformable": "diffeo", "crop": True, "reg_weight": 0.05},
+    "diffeo_crop_sigma2": {"deformable": "diffeo", "crop": True, "field_sigma": 2.0},
+    "diffeo_crop_reg1": {"deformable": "diffeo", "crop": True, "reg_weight": 1.0},
+    "diffeo_crop_reg0.5": {"deformable": "diffeo", "crop": True, "reg_weight": 0.5},
+    "diffeo_crop_sigma1.5": {"deformable": "diffeo", "crop": True, "field_sigma": 1.5},
+    "diffeo_crop_reg0.2": {"deformable": "diffeo", "crop": True, "reg_weight": 0.2},
 }
 
 

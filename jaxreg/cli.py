@@ -140,6 +140,7 @@ _FIELD_FLAGS = {
     "bspline_spacing": ("--bspline-spacing", _number, "B-spline control-point spacing, voxels (one or per axis)"),
     "steps": ("--steps", int, "scaling-and-squaring steps (svf)"),
     "field_sigma": ("--field-sigma", float, "Gaussian smoothing of the optimised field, level voxels"),
+    "crop": ("--crop", bool, "deformable stage on the box around both images' foreground (--no-crop: whole grid)"),
 }
 _PER_LEVEL = ("iterations", "affine_iterations")
 
@@ -185,6 +186,9 @@ def _register_options(r):
                  "help": f"{text} [{_preset_values(name)}]"}
         if isinstance(getattr(optimize.RegisterOptions(), name), tuple) or name in _PER_LEVEL + ("bspline_spacing",):
             given.update(type=kind, nargs="+")
+        elif kind is bool:
+            given.update(action=argparse.BooleanOptionalAction)
+            del given["metavar"]
         elif kind in (int, float, _number):
             given.update(type=kind)
         else:

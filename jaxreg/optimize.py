@@ -47,6 +47,10 @@ from jax.typing import ArrayLike
 from jaxreg import _validate, losses, spatial, transforms
 
 DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
+#: ``crop=True``: the deformable stage's box grows by this fraction of the image size on each side ...
+CROP_MARGIN = 0.05
+#: ... and its size is rounded up to a multiple of this many voxels (a few compiled shapes per data set)
+CROP_MULTIPLE = 16
 OPTIMIZERS = ("adam", "sgd")
 #: a pyramid level keeps at least this many voxels along every axis (or the whole axis when it is shorter)
 MIN_LEVEL_SIZE = 4
@@ -140,6 +144,11 @@ class RegisterOptions:
     field_sigma: for "disp", "svf" and "diffeo" the optimised field (or update) is Gaussian-smoothed with this
       sigma (level voxels) before use, which keeps Adam's per-voxel steps smooth; 0 optimises it directly, >= 0
       [1.0].
+    crop: run the deformable stage on the box of the fixed grid that holds either image's foreground after the
+      parametric stage (``CROP_MARGIN`` of the size added on each side, the box rounded up to a multiple of
+      ``CROP_MULTIPLE`` voxels so that the images of a data set share a few compiled shapes); the field outside
+      the box continues its border values. Foreground: mask > 0, else intensity above 10 % of the 1st–99th
+      percentile range. Whole heads or images without background keep the full grid [False].
     """
 
     init: str | None = "com"
@@ -163,6 +172,7 @@ class RegisterOptions:
     bspline_spacing: float | tuple[float, ...] = 4
     steps: int = 7
     field_sigma: float = 1.0
+    crop: bool = False
 
     def __post_init__(self):
         def choice(name, valid, *, none=True, metric=False):
@@ -202,6 +212,8 @@ class RegisterOptions:
         for name, low, strict in (("reg_weight", 0, False), ("learning_rate", 0, True),
                                   ("affine_learning_rate", 0, True), ("tol", 0, False), ("field_sigma", 0, False)):
             self._set(name, _number(name, getattr(self, name), low, strict))
+        if not isinstance(self.crop, bool):
+            raise ValueError(f"crop must be True or False, got {self.crop!r}")
         for name, low in (("window", 1), ("steps", 0)):
             value = getattr(self, name)
             if not _all_ints((value,), low):
@@ -234,12 +246,18 @@ class RegisterOptions:
 
 
 #: Named option sets (the ``jaxreg`` command's ``--preset``, the benchmarks): ``register(f, m, options=PRESETS[k])``.
+#: ``default``, ``fast`` and ``diffeo`` were chosen on real inter-subject pairs of Mindboggle subjects 1-6 at 2 mm
+#: (``benchmarks/tune_real.py``; reported on subjects 7-14 in BENCHMARKS.md): greedy diffeomorphic updates on the
+#: box around both brains. Regularisation 0.2 kept every tuning pair's folding <= 0.05 % of the brain (mean Dice
+#: 0.593); 0.5 gave none at all (0.576); dense "disp" updates reached 0.601 with 0.67 % folding.
 PRESETS: dict[str, RegisterOptions] = {
-    "default": RegisterOptions(deformable="disp", metric="lncc", metric_options={"window": 5}),
-    # about 2.4x fewer iterations than the default for ~0.001 lower Dice on MNI-derived 2 mm pairs
-    "fast": RegisterOptions(deformable="disp", metric="lncc", metric_options={"window": 5}, iterations=(60, 40, 20),
-                            affine_iterations=(60, 30)),
-    "diffeo": RegisterOptions(deformable="diffeo", metric="lncc", metric_options={"window": 5}),
+    "default": RegisterOptions(deformable="diffeo", metric="lncc", metric_options={"window": 5}, reg_weight=0.2,
+                               crop=True),
+    # about 2x fewer iterations than the default
+    "fast": RegisterOptions(deformable="diffeo", metric="lncc", metric_options={"window": 5}, reg_weight=0.2,
+                            crop=True, iterations=(60, 40, 20), affine_iterations=(60, 30)),
+    "diffeo": RegisterOptions(deformable="diffeo", metric="lncc", metric_options={"window": 5}, reg_weight=0.5,
+                              crop=True),
     # affine by mutual information, then NGF: on T2-like -> T1 MNI pairs NGF gave 0.843 Dice (0 % folding) against
     # 0.777 (0.09 % folding) with MI in the deformable stage (BENCHMARKS.md)
     "multimodal": RegisterOptions(deformable="disp", metric="ngf", affine_metric="mi"),
@@ -584,6 +602,18 @@ class _Pairs:
             data["grid"] = jnp.asarray(level_grid(self.grid, self.shape, self.moving_shape, factor), self.dtype)
         return {**data, **extra}
 
+    def cropped(self, box: tuple[slice, ...]) -> _Pairs:
+        """These pairs with the fixed image (and mask) cut to ``box`` (slices of the fixed grid); the moving image
+        keeps its grid, reached through the shifted ``grid`` (fixed-box voxel → moving voxel)."""
+        lead = (slice(None),) if self.batched else ()
+        shift = np.eye(self.ndim + 1)
+        shift[:-1, -1] = [b.start for b in box]
+        grid = (np.eye(self.ndim + 1) if self.grid is None else self.grid) @ shift
+        if self.batched and grid.ndim == 2:
+            grid = np.broadcast_to(grid, self.fixed.shape[:1] + grid.shape)
+        mask = None if self.fixed_mask is None else self.fixed_mask[lead + box]
+        return dataclasses.replace(self, fixed=self.fixed[lead + box], fixed_mask=mask, grid=grid)
+
     def pulled(self, image, disp):
         """``image`` (on the moving grid) pulled onto the fixed grid through the full-resolution ``disp``."""
         grid = None if self.grid is None else jnp.asarray(self.grid, self.dtype)
@@ -751,13 +781,68 @@ def _deformable_stage(pairs: _Pairs, opts: RegisterOptions, matrix, initial_disp
     return base, velocity
 
 
+def _foreground(image) -> np.ndarray:
+    """Host boolean foreground of ``image`` (batch axes included): above 10 % of its 1st–99th percentile range."""
+    low, high = np.percentile(image, [1, 99])
+    return image > low + 0.1 * (high - low)
+
+
+def _crop_box(pairs: _Pairs, matrix, opts: RegisterOptions) -> tuple[slice, ...] | None:
+    """The fixed-grid box of the deformable stage (``RegisterOptions.crop``), or None for the whole grid: the
+    bounding box of the fixed foreground and the moving foreground pulled through ``matrix`` (over every pair of a
+    batch), grown by ``CROP_MARGIN`` per side, rounded up to a multiple of ``CROP_MULTIPLE`` and kept inside the
+    grid (host computation after the parametric stage)."""
+    shape, lead = pairs.shape, 1 if pairs.batched else 0
+    disp = pairs.per_pair(spatial.affine_to_disp, shape=shape)(matrix)
+    moving = pairs.moving if pairs.moving_mask is None else pairs.moving_mask
+    pulled = np.asarray(pairs.pulled(moving, disp))
+    fixed = np.asarray(pairs.fixed if pairs.fixed_mask is None else pairs.fixed_mask)
+    fg = (fixed > 0 if pairs.fixed_mask is not None else _foreground(fixed))
+    fg = fg | (pulled > 0.5 if pairs.moving_mask is not None else _foreground(pulled))
+    fg = fg.reshape((-1,) + shape).any(axis=0) if lead else fg
+    if not fg.any():
+        return None
+    box = []
+    for axis, n in enumerate(shape):
+        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(len(shape)) if a != axis)))
+        margin = int(np.ceil(CROP_MARGIN * n))
+        lo, hi = max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)
+        size = min(n, -(-(hi - lo) // CROP_MULTIPLE) * CROP_MULTIPLE)
+        lo = min(max(lo - (size - (hi - lo)) // 2, 0), n - size)
+        box.append(slice(lo, lo + size))
+    return None if all(b.stop - b.start == n for b, n in zip(box, shape)) else tuple(box)
+
+
+def _recentre(matrix, box, shape):
+    """``matrix`` (about the centre ``c`` of ``shape``) as a matrix of the box's voxels about the box's centre
+    ``c_b``: the same ``A``, translation ``t + (A - I) d`` with ``d = c_b + start - c``."""
+    nd = len(shape)
+    d = jnp.asarray([(b.stop - b.start - 1) / 2 + b.start - (n - 1) / 2 for b, n in zip(box, shape)], matrix.dtype)
+    a = matrix[..., :nd, :nd] - jnp.broadcast_to(jnp.eye(nd, dtype=matrix.dtype), matrix.shape[:-2] + (nd, nd))
+    return matrix.at[..., :nd, nd].add(jnp.einsum("...ij,j->...i", a, d))
+
+
+def _uncrop(field, box, shape, batched):
+    """A field ``(*box shape, C)`` computed on ``box`` back on the whole grid ``shape``: outside the box it
+    continues its border values (continuous, so no fold is made at the box's faces)."""
+    pad = [(b.start, n - b.stop) for b, n in zip(box, shape)]
+    return jnp.pad(field, ([(0, 0)] if batched else []) + pad + [(0, 0)], mode="edge")
+
+
 def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, spacing,
               initial_disp, initial_matrix, callback, progress=None) -> Result:
     pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, spacing, batched=batched)
     _check_setup(pairs, opts, initial_disp, initial_matrix)
     log = _Log(callback, progress)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
-    u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
+    box = _crop_box(pairs, matrix, opts) if opts.crop and opts.deformable else None
+    if box is None:
+        u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
+    else:  # the box's voxels x_box = x - start, its points y_box = y - start (the moving grid adds the start back)
+        lead = (slice(None),) if batched else ()
+        start = None if initial_disp is None else jnp.asarray(initial_disp)[lead + box]
+        u, velocity = _deformable_stage(pairs.cropped(box), opts, _recentre(matrix, box, pairs.shape), start, log)
+        u, velocity = (_uncrop(f, box, pairs.shape, batched) for f in (u, velocity))
     disp = pairs.per_pair(spatial.compose_affine)(matrix, u)
     warped = pairs.pulled(pairs.moving, disp)
     return Result(matrix, disp, warped, velocity, log.history, log.seconds)

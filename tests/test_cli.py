@@ -210,10 +210,11 @@ def test_a_preset_without_flags_is_the_preset(name):
 def test_flags_replace_fields():
     opts = _parse("--preset", "fast", "--transform", "none", "--deformable", "svf", "--levels", "2", "1",
                   "--iterations", "7", "--tol-window", "5", "--window", "3", "--regularizer", "none",
-                  "--bspline-spacing", "4", "6", "--optimizer", "sgd", "--init", "none", "--field-sigma", "0")
+                  "--bspline-spacing", "4", "6", "--optimizer", "sgd", "--init", "none", "--field-sigma", "0", "--crop")
     assert opts == dataclasses.replace(optimize.PRESETS["fast"], transform=None, deformable="svf", levels=(2, 1),
                                        iterations=7, window=5, metric_options={"window": 3}, regularizer=None,
-                                       bspline_spacing=(4, 6), optimizer="sgd", init=None, field_sigma=0.0)
+                                       bspline_spacing=(4, 6), optimizer="sgd", init=None, field_sigma=0.0,
+                                       crop=True)
     with pytest.raises(ValueError, match=r"iterations must be a single value or one per level \(2\)"):
         _parse("--levels", "2", "1")
     with pytest.raises(ValueError, match="reg_weight must be a number >= 0"):

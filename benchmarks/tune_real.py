@@ -58,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="base")
     ap.add_argument("--resolution", type=float, default=2.0)
     ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--diffeo-steps", type=int, default=None,
+                    help="optimize.DIFFEO_STEPS for this run (exp steps of each greedy diffeo update) [as shipped]")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     import jax
@@ -65,6 +67,9 @@ def main(argv=None):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxreg/jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from jaxreg import optimize
+
+    if args.diffeo_steps is not None:
+        optimize.DIFFEO_STEPS = args.diffeo_steps
 
     pairs = bench_real.pairs(bench_real.TUNE)[: args.max_pairs]
     rows = []
@@ -92,7 +97,8 @@ def main(argv=None):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         result = {"command": "python benchmarks/tune_real.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
                   "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  "base": args.base, "variants": {n: VARIANTS[n] for n in args.variants.split(",")}, "rows": rows}
+                  "base": args.base, "diffeo_steps": optimize.DIFFEO_STEPS,
+                  "variants": {n: VARIANTS[n] for n in args.variants.split(",")}, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
 

@@ -48,7 +48,7 @@ from jaxreg import _validate, losses, spatial, transforms
 
 DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
 #: scaling-and-squaring steps of each greedy "diffeo" update (its exponential; 2 and 4 gave the same Dice and
-#: folding on three TUNE pairs, 2 is 11 % faster: BENCHMARKS.md)
+#: folding on three TUNE pairs, the full-resolution level 4-17 % faster with 2: BENCHMARKS.md)
 DIFFEO_STEPS = 2
 #: ``crop=True``: the deformable stage's box grows by this fraction of the image size on each side ...
 CROP_MARGIN = 0.05

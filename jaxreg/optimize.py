@@ -790,7 +790,7 @@ def _foreground(image) -> np.ndarray:
     return image > low + 0.1 * (high - low)
 
 
-def _crop_box(pairs: _Pairs, matrix, opts: RegisterOptions) -> tuple[slice, ...] | None:
+def _crop_box(pairs: _Pairs, matrix) -> tuple[slice, ...] | None:
     """The fixed-grid box of the deformable stage (``RegisterOptions.crop``), or None for the whole grid: the
     bounding box of the fixed foreground and the moving foreground pulled through ``matrix`` (over every pair of a
     batch), grown by ``CROP_MARGIN`` per side, rounded up to a multiple of ``CROP_MULTIPLE`` and kept inside the
@@ -838,7 +838,7 @@ def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, movi
     _check_setup(pairs, opts, initial_disp, initial_matrix)
     log = _Log(callback, progress)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
-    box = _crop_box(pairs, matrix, opts) if opts.crop and opts.deformable else None
+    box = _crop_box(pairs, matrix) if opts.crop and opts.deformable else None
     if box is None:
         u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)
     else:  # the box's voxels x_box = x - start, its points y_box = y - start (the moving grid adds the start back)

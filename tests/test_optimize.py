@@ -413,7 +413,7 @@ def test_crop_runs_the_deformable_stage_on_the_foreground_box(rng):
     opts = dataclasses.replace(optimize.PRESETS["fast"], levels=(2, 1), iterations=(40, 30), affine_levels=(2,),
                                affine_iterations=(40,))
     pairs = optimize._checked_pairs(f, m, None, None, None, None, batched=False)
-    box = optimize._crop_box(pairs, jnp.eye(3), opts)
+    box = optimize._crop_box(pairs, jnp.eye(3))
     assert all((b.stop - b.start) % optimize.CROP_MULTIPLE == 0 for b in box), box
     assert box[0].start <= 16 and box[0].stop >= 56 and box[1].start <= 30 and box[1].stop >= 70, box
     assert np.prod([b.stop - b.start for b in box]) <= 0.5 * f.size, box
@@ -422,7 +422,7 @@ def test_crop_runs_the_deformable_stage_on_the_foreground_box(rng):
     cropped = optimize.register(f, m, options=opts, crop=True)
     assert dice(cropped.disp) > dice(whole.disp) - 0.01 and dice(cropped.disp) > 0.9
     u = np.asarray(cropped.disp - spatial.affine_to_disp(cropped.matrix, f.shape))
-    box = optimize._crop_box(pairs, cropped.matrix, opts)
+    box = optimize._crop_box(pairs, cropped.matrix)
     np.testing.assert_allclose(u[: box[0].start], np.broadcast_to(u[box[0].start], u[: box[0].start].shape),
                                atol=1e-4)  # the field outside continues the box's face
     assert np.asarray(spatial.jacobian_determinant(cropped.disp)).min() > 0

@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict] = {
     "diffeo_crop_reg0.5": {"deformable": "diffeo", "crop": True, "reg_weight": 0.5},
     "diffeo_crop_sigma1.5": {"deformable": "diffeo", "crop": True, "field_sigma": 1.5},
     "diffeo_crop_reg0.2": {"deformable": "diffeo", "crop": True, "reg_weight": 0.2},
+    "reg0.4": {"reg_weight": 0.4},
 }
 
 

@@ -1042,7 +1042,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         _enable_compilation_cache()
-        _listen_to_compiles()
         if args.command == "register":
             opts = _options_from_args(args)
             pairs = _pairs_of(args)

@@ -803,13 +803,13 @@ def _crop_box(pairs: _Pairs, matrix) -> tuple[slice, ...] | None:
     fg = (fixed > 0 if pairs.fixed_mask is not None else _foreground(fixed))
     fg = fg | (pulled > 0.5 if pairs.moving_mask is not None else _foreground(pulled))
     fg = fg.reshape((-1,) + shape).any(axis=0) if lead else fg
-    if not fg.any():
+    hit = np.argwhere(fg)
+    if not hit.size:
         return None
     box = []
-    for axis, n in enumerate(shape):
-        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(len(shape)) if a != axis)))
+    for n, first, last in zip(shape, hit.min(axis=0), hit.max(axis=0)):
         margin = int(np.ceil(CROP_MARGIN * n))
-        lo, hi = max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)
+        lo, hi = max(int(first) - margin, 0), min(int(last) + 1 + margin, n)
         size = min(n, -(-(hi - lo) // CROP_MULTIPLE) * CROP_MULTIPLE)
         lo = min(max(lo - (size - (hi - lo)) // 2, 0), n - size)
         box.append(slice(lo, lo + size))

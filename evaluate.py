@@ -29,9 +29,10 @@ ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError, FloatingPointEr
 def main(argv):
     del argv
     try:
-        from jaxreg import evaluation
+        from jaxreg import atlas, evaluation
 
         logging.set_verbosity(logging.WARNING)
+        atlas.prepare(FLAGS.config)  # a "subjects" learning set is aligned and cached on first use
         result = evaluation.evaluate(FLAGS.config, FLAGS.workdir, out=FLAGS.out, progress=True)
     except ERRORS as err:
         if FLAGS.debug:

@@ -21,6 +21,8 @@ flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the sa
 flags.DEFINE_integer("stop_at", None, "stop after this step (as if interrupted); rerun to resume")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host)")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_string("export", None, "after training, write the model folder here (jaxreg.atlas.export_workdir: "
+                    "data.kind 'subjects' configs), for 'jaxreg register --model DIR'")
 flags.DEFINE_bool("debug", False, "on an error, show the traceback instead of one line")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -63,6 +65,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         if FLAGS.distributed:
             jax.distributed.initialize()
+        from jaxreg import atlas
+
+        atlas.prepare(FLAGS.config)  # a "subjects" learning set is aligned and cached on first use
         state = methods.get(FLAGS.config.method).fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at,
                                                      progress=FLAGS.progress)
     except ERRORS as err:
@@ -71,6 +76,15 @@ def main(argv):
         print(f"train.py: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {FLAGS.workdir}")
+    if FLAGS.export:
+        try:
+            atlas.export_workdir(FLAGS.config, FLAGS.workdir, FLAGS.export)
+        except ERRORS as err:
+            if FLAGS.debug:
+                raise
+            print(f"train.py: error: {one_line(err)}", file=sys.stderr)
+            sys.exit(2)
+        print(f"model folder written to {FLAGS.export}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def get_config():
     c.model.decoder = ()
     c.model.int_steps = 0
     c.model.int_downsize = 1
+    c.model.downsize = 1  # 2: the U-Net runs at half resolution (a CPU-sized 3-D network)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.similarity = "lncc"

@@ -3,6 +3,8 @@
     jaxreg register FIXED MOVING -o OUTDIR [options]   register MOVING onto FIXED, write results to OUTDIR
     jaxreg register FIXED MOVING_DIR -o OUTDIR [...]     every image of MOVING_DIR onto FIXED, into OUTDIR/NAME/
     jaxreg register --pairs PAIRS.csv -o OUTDIR [...]    every row's pair, into OUTDIR/NAME/, compiling once
+    jaxreg register FIXED MOVING -o OUTDIR --model NAME  through a trained network (``jaxreg.atlas``) [--refine N]
+    jaxreg models                                        the packaged models, one per line, name first
     jaxreg apply OUTDIR IMAGE -o OUT                     pull another image (any grid) through a saved result
     jaxreg apply AFFINE.txt IMAGE -o OUT --reference F   ... or through an ITK/ANTs affine file
     jaxreg demo -o OUTDIR                                make a brain pair from the embedded data and register it
@@ -95,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="IMAGE is a label map: nearest neighbour, integer output [default: when stored as integers]")
     kind.add_argument("--intensities", dest="labels", action="store_false",
                       help="IMAGE is an intensity image: linear interpolation, float output")
+
+    sub.add_parser("models", help="list the packaged trained models (name, then description)")
 
     d = sub.add_parser("demo", help="register a brain pair made from the embedded data", formatter_class=fmt,
                        description="Build a moving brain from the MNI152 template (nilearn's packaged copy; "
@@ -220,6 +224,13 @@ def _register_options(r):
                    help="accept images whose header has no orientation (qform and sform codes 0): axis-aligned voxels "
                         "of the header's size, origin at voxel 0 [default: such a file is an error]")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="register through a trained network instead of the engine: a packaged model's name "
+                        "('jaxreg models') or a model folder; both images are affinely aligned to its template, the "
+                        "network's field is carried back to FIXED's grid (the engine options above are not used)")
+    r.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="with --model: N iterations of the engine (the default preset's similarity and "
+                        "regulariser) from the network's field, on the template grid")
 
 
 def _metric_name(metric):
@@ -459,7 +470,7 @@ def _result_warnings(reg, folding: float) -> list:
 def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions, *, moving_labels=None,
                  fixed_labels=None, fixed_mask=None, moving_mask=None, normalize=True, quiet=False, seed=0,
                  inverse=False, l2r=None, initial_affine=None, overwrite=False,
-                 assume_identity_affine=False, startup=None) -> dict:
+                 assume_identity_affine=False, startup=None, model=None, refine=0) -> dict:
     """Register in world space (``jaxreg.world.register_images``: the moving image keeps its own grid) and write
     the results with ``Registration.save``; returns the report dict.
 
@@ -467,6 +478,8 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     earlier run's results), every input file, masks and label maps on their image's grid, masks large enough.
     ``assume_identity_affine``: accept files without orientation (``io.check_header``). ``startup``: the seconds
     from the process's start to ``main`` (``report["seconds"]["startup"]``; the module docstring lists the split).
+    ``model``: a loaded ``jaxreg.atlas.Model`` to register through (``refine`` engine iterations from its field)
+    instead of the engine's ``opts``.
     """
     from jaxreg import metrics, spatial, world
 
@@ -497,10 +510,13 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
     callback, progress = _progress(quiet)
     before = _compile_mark()
     try:
-        reg = world.register_images(fixed, moving, options=opts, moving_labels=given.get("--moving-labels"),
-                                    fixed_mask=given.get("--fixed-mask"), moving_mask=given.get("--moving-mask"),
-                                    normalize=normalize, initial_affine=initial_affine, callback=callback,
-                                    progress=progress)
+        if model is not None:
+            reg = model.register(fixed, moving, refine=refine, moving_labels=given.get("--moving-labels"))
+        else:
+            reg = world.register_images(fixed, moving, options=opts, moving_labels=given.get("--moving-labels"),
+                                        fixed_mask=given.get("--fixed-mask"), moving_mask=given.get("--moving-mask"),
+                                        normalize=normalize, initial_affine=initial_affine, callback=callback,
+                                        progress=progress)
     except ValueError as err:  # the pyramid checked against the image size names its option
         raise ValueError(_with_flag(err)) from err
     in_register = _compiled_since(before)[0]
@@ -520,6 +536,9 @@ def run_register(fixed_path, moving_path, output, opts: optimize.RegisterOptions
                      "min": float(jac.min()), "max": float(jac.max())},
         "world_matrix": reg.world_matrix,
     }
+    if model is not None:
+        report["model"] = {"path": os.path.abspath(model.path), "refine": int(refine),
+                           "description": model.meta.get("description", "")}
     warnings += _result_warnings(reg, report["jacobian"]["folding_fraction"])
     report["warnings"] = warnings
     for text in warnings:
@@ -1037,17 +1056,52 @@ def _pairs_of(args):
     return pairs_from_csv(args.pairs)
 
 
+def _model_of(args, pairs) -> dict:
+    """``{"model", "refine"}`` for ``run_register``: the model of ``--model`` (loaded and checked before any
+    registration) or None; refuses ``--refine`` without it and the options a model does not use."""
+    if args.refine < 0:
+        raise ValueError(f"--refine must be >= 0 (iterations), got {args.refine}")
+    if args.model is None:
+        if args.refine:
+            raise ValueError("--refine N refines a network's field: give --model")
+        return {}
+    for flag, value in (("--fixed-mask", args.fixed_mask), ("--moving-mask", args.moving_mask),
+                        ("--initial-affine", args.initial_affine), ("--no-normalize", args.no_normalize)):
+        if value:
+            raise ValueError(f"{flag} is not used by --model (the model aligns and normalises the images itself)")
+    if pairs is not None and any(p.fixed_mask or p.moving_mask for p in pairs):
+        raise ValueError("the masks of the pairs are not used by --model: remove those columns or files")
+    from jaxreg import atlas
+
+    return {"model": atlas.load_model(args.model), "refine": args.refine}
+
+
+def _list_models() -> int:
+    """``jaxreg models``: one line per packaged model, its name first."""
+    from jaxreg import atlas
+
+    found = atlas.available()
+    for m in found:
+        print(f"{m['name']}\t{m['description']}")
+    if not found:
+        print("jaxreg models: no packaged model found", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     startup, t_main = _process_age(), time.perf_counter()
     args = _parser().parse_args(argv)
     try:
         _enable_compilation_cache()
+        if args.command == "models":
+            return _list_models()
         if args.command == "register":
             opts = _options_from_args(args)
             pairs = _pairs_of(args)
             common = {"normalize": not args.no_normalize, "quiet": args.quiet, "seed": args.seed,
                       "inverse": args.inverse, "overwrite": args.overwrite,
-                      "assume_identity_affine": args.assume_identity_affine, "startup": startup}
+                      "assume_identity_affine": args.assume_identity_affine, "startup": startup,
+                      **_model_of(args, pairs)}
             if pairs is not None:
                 summary = run_pairs(pairs, args.output, opts, t_main=t_main, **common)
                 print(_pairs_final_line(summary))

@@ -323,7 +323,7 @@ def fit(directory, *, model, loss, train, shape, batches: Callable[[int, int], I
                                  keep=int(train.keep_checkpoints))
     latest = manager.latest_step()
     if latest is not None:
-        _check_params(manager.item_metadata(latest).tree["params"], state.params,
+        check_params(manager.item_metadata(latest).tree["params"], state.params,
                       os.path.join(directory, "checkpoints", str(latest)))
     if config is not None:
         save_config(config, directory)
@@ -368,14 +368,16 @@ def load_params(directory, *, model, shape, step: int | None = None):
         tree = manager.item_metadata(step).tree
         if not isinstance(tree, dict) or "params" not in tree:
             raise ValueError(f"{folder}/{step}: not a training checkpoint (no 'params')")
-        _check_params(tree["params"], abstract, f"{folder}/{step}")
+        check_params(tree["params"], abstract, f"{folder}/{step}")
         state = manager.restore(step, args=ocp.args.StandardRestore())
     finally:
         manager.close()
     return jax.tree_util.tree_map(jnp.asarray, state["params"]), int(step)
 
 
-def _check_params(saved, abstract, where: str) -> None:
+def check_params(saved, abstract, where: str) -> None:
+    """Raise ``ValueError`` naming the first parameter whose shape differs between the trees ``saved`` and
+    ``abstract`` (or that one of them lacks); ``where`` names the file or folder."""
     flat_saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved)}
     flat_model = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_leaves_with_path(abstract)}
     for name in sorted(set(flat_saved) | set(flat_model)):

@@ -20,6 +20,8 @@ Kinds:
   image) or with explicit pairs. Images are intensity-normalised (``preprocess.normalize``) and cropped/padded to
   ``shape`` (``preprocess.crop_or_pad``). All files are read and checked when the dataset is built, so a missing
   file, a label map whose shape differs from its image or an empty folder fails before training starts.
+* ``subjects.SubjectPairs``: a learning set of real subjects aligned to a template (``jaxreg.data.subjects``; built
+  by ``jaxreg.atlas.prepare``), split by subject (``data.subjects.train`` / ``data.subjects.test``).
 * ``FixedAsMoving``: any of the above with ``moving = fixed`` (``data.fixed_as_moving``), for training from one
   image where on-device augmentation (``jaxreg.data.augment``) makes the moving image.
 
@@ -330,7 +332,7 @@ def from_config(cfg, *, split: str = "train"):
     return dataset
 
 
-KINDS = ("synthetic", "mni", "folder", "json")
+KINDS = ("synthetic", "mni", "folder", "json", "subjects")
 
 
 def _from_config(cfg, *, split: str):
@@ -338,6 +340,13 @@ def _from_config(cfg, *, split: str):
     if kind not in KINDS:
         raise ValueError(f"data.kind must be one of {', '.join(repr(k) for k in KINDS)}, got {kind!r}")
     seed = int(cfg.seed if split == "train" else cfg.test_seed)
+    if kind == "subjects":  # a learning set: the template grid is the shape
+        from .subjects import SubjectPairs
+
+        names = tuple(cfg.subjects.train if split == "train" else cfg.subjects.test)
+        groups = cfg.label_groups if split == "train" else None  # evaluation scores every region
+        return SubjectPairs(cfg.path, subjects=names, mode=cfg.mode, shuffle=split == "train",
+                            label_groups=dict(groups) if groups else None, seed=seed)
     if kind in ("synthetic", "mni"):  # generated: the shape is the config's
         shape = _shape(cfg.shape, f"data.shape (data.kind={kind!r})")
     else:  # files: None (or empty) means the images' own shape

@@ -336,6 +336,24 @@ def _invert_map(matrix: np.ndarray, smooth, shape, spacing: float):
     return np.moveaxis(y_full - mesh, 0, -1), residual
 
 
+def mni_template(resolution: int = 2, shape=(80, 96, 80)) -> tuple[Volume, np.ndarray]:
+    """nilearn's MNI152 2009 T1 brain at ``resolution`` mm on a box of ``shape`` voxels centred on the brain's box
+    (``_mni_template``'s crop, then centre-cropped or zero-padded), with the affine of that box: ``(Volume t1 in
+    [0, 1] float32, mask (*shape) bool)``. The fixed grid of the template-space models (``jaxreg.atlas``).
+
+    Raises:
+      ImportError: nilearn is not installed (``pip install jaxreg[data]``).
+    """
+    tpl = _mni_template(_nilearn_data_dir(), int(resolution))
+    shape = tuple(int(n) for n in shape)
+    start = [(n - s) // 2 for n, s in zip(tpl["t1"].shape, shape)]  # negative: padding before
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    t1 = _crop(np.asarray(tpl["t1"]), start, [a + s for a, s in zip(start, shape)]).astype(np.float32)
+    mask = _crop(np.asarray(tpl["mask"]), start, [a + s for a, s in zip(start, shape)]).astype(bool)
+    return Volume(t1, tpl["affine"] @ shift), mask
+
+
 def mni_pair(
     key,
     *,

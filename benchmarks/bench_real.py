@@ -200,6 +200,18 @@ def run_jaxreg(fixed, moving, moving_labels, options, **kw) -> dict:
             "cpu_seconds": time.process_time() - c0, "level_seconds": dict(reg.seconds), "registration": reg}
 
 
+def run_model(model, fixed, moving, moving_labels, refine: int = 0) -> dict:
+    """One ``jaxreg.atlas.Model.register`` call (``--model``): both images aligned to the model's template, the
+    network's field (``refine`` engine iterations from it), carried back to the fixed grid. Returns what
+    ``run_jaxreg`` returns."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    reg = model.register(fixed, moving, refine=refine, moving_labels=moving_labels)
+    warped = np.asarray(reg.warped_labels.data) if moving_labels is not None else None
+    return {"warped_labels": warped, "disp": np.asarray(reg.total_disp, np.float32),
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "level_seconds": dict(reg.seconds), "registration": reg}
+
+
 def run_identity(fixed, moving, moving_labels) -> dict:
     """No registration: the moving labels pulled onto the fixed grid through world coordinates (nearest)."""
     from jaxreg.data import preprocess
@@ -498,6 +510,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cli-pairs", action="store_true",
                     help="also time `jaxreg register --pairs CSV` (every pair in one process) for every jaxreg preset")
     ap.add_argument("--max-pairs", type=int, default=None, help="only the first N ring pairs")
+    ap.add_argument("--all-pairs", action="store_true", help="every ordered pair of the subjects, not a ring")
+    ap.add_argument("--model", help="a jaxreg model folder or packaged name (jaxreg.atlas): adds the methods 'model' "
+                                    "and 'model+rN' for each N of --refine")
+    ap.add_argument("--refine", default="", help="comma-separated refinement iterations for --model, e.g. 20,50")
     ap.add_argument("--limit", default="", help="per-method pair limits, e.g. elastix=2,ants_syn_full=1")
     ap.add_argument("--no-warm-repeat", action="store_true",
                     help="jaxreg: do not register the first pair twice (first call with compilation, then compiled)")
@@ -510,7 +526,15 @@ def main(argv=None) -> int:
     from jaxreg.data import io
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    model = None
+    if args.model:
+        from jaxreg import atlas
+
+        model = atlas.load_model(args.model)
+        methods += ["model"] + [f"model+r{int(n)}" for n in args.refine.split(",") if n.strip()]
     for m in methods:
+        if m.startswith("model") and model is not None:
+            continue
         if m not in PEERS and m not in optimize.PRESETS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(PEERS)}, {', '.join(optimize.PRESETS)}")
     limits = {k: int(v) for k, v in (kv.split("=") for kv in args.limit.split(",") if kv)}
@@ -518,7 +542,8 @@ def main(argv=None) -> int:
     for m, why in skipped.items():
         print(f"skipping {m}: {why}", flush=True)
     subjects = _subjects(args.subjects)
-    todo = pairs(subjects)[: args.max_pairs]
+    todo = ([(f, m) for f in subjects for m in subjects if f != m] if args.all_pairs
+            else pairs(subjects))[: args.max_pairs]
     presets = [m for m in methods if m in optimize.PRESETS and m not in skipped]
     data = os.path.abspath(args.data)
     record = {
@@ -530,6 +555,7 @@ def main(argv=None) -> int:
                    "margin": args.margin, "two_d": args.two_d, "hd95": args.hd95, "cli": args.cli,
                    "cli_pairs": args.cli_pairs,
                    "methods": methods, "limits": limits, "skipped": skipped, "data": data,
+                   "model": None if model is None else {"path": model.path, **model.meta},
                    "mask": "folding and SD log J inside the fixed labels > 0"},
         "rows": [], "cli_warmup": {}, "cli_pairs": {}, "slices": [],
     }
@@ -583,11 +609,17 @@ def main(argv=None) -> int:
                     else:
                         key = (fixed.shape, moving.shape)
                         first = key not in seen.setdefault(method, set())
-                        res = run_jaxreg(fixed, moving, moving_labels, optimize.PRESETS[method])
+                        if method.startswith("model"):
+                            refine = int(method.split("+r")[1]) if "+r" in method else 0
+                            once = lambda: run_model(model, fixed, moving, moving_labels, refine)  # noqa: E731
+                        else:
+                            once = lambda: run_jaxreg(fixed, moving, moving_labels,  # noqa: E731
+                                                      optimize.PRESETS[method])
+                        res = once()
                         seen[method].add(key)
                         row["compiled_before"] = not first
                         if first and not args.no_warm_repeat:
-                            warm = run_jaxreg(fixed, moving, moving_labels, optimize.PRESETS[method])
+                            warm = once()
                             row["seconds_first_call"] = res["seconds"]
                             row["cpu_seconds_first_call"] = res["cpu_seconds"]
                             row["level_seconds_first_call"] = res["level_seconds"]

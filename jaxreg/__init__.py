@@ -19,6 +19,9 @@ The public API, by floor (every name is also its module's: ``jaxreg.warp is jaxr
 * **Classical registration** (``jaxreg.optimize``): ``register`` (one pair), ``register_batch`` (``vmap`` over pairs),
   the frozen ``RegisterOptions``, named ``PRESETS``, the ``Result``. Demons is the module ``jaxreg.demons``
   (``jaxreg.demons.demons(fixed, moving)``): the name ``demons`` stays the module, which callers import as such.
+* **Trained models** (``jaxreg.atlas``): ``load_model(name_or_path)`` returns a model whose ``register(fixed,
+  moving, refine=N)`` gives a ``Registration`` like ``register_images`` (both images aligned to the model's
+  template, the network's field carried back to the fixed grid); ``jaxreg.atlas.available()`` lists the packaged ones.
 * **Modules**: ``data`` (NIfTI I/O, preprocessing, datasets, augmentation, synthetic data), ``models`` (Flax
   networks), ``training`` (train step, loop, checkpoints), ``methods`` (the learned methods), ``evaluation``
   (measures per pair, tables, figures, the held-out evaluation loop).
@@ -93,11 +96,14 @@ _LAZY_NAMES = {
                                     "mean_tre", "folding_fraction", "sd_log_jacobian")},
     **{name: "optimize" for name in ("register", "register_batch", "RegisterOptions", "PRESETS", "Result")},
     **{name: "world" for name in ("register_images", "Registration")},
+    **{name: "atlas" for name in ("load_model",)},
 }
-_LAZY_MODULES = ("metrics", "optimize", "demons", "data", "models", "training", "methods", "evaluation", "world")
+_LAZY_MODULES = ("metrics", "optimize", "demons", "data", "models", "training", "methods", "evaluation", "world",
+                 "atlas")
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
-    from jaxreg import data, demons, evaluation, methods, metrics, models, optimize, training, world  # noqa: F401
+    from jaxreg import atlas, data, demons, evaluation, methods, metrics, models, optimize, training, world  # noqa: F401
+    from jaxreg.atlas import load_model  # noqa: F401
     from jaxreg.metrics import (  # noqa: F401
         assd,
         dice,
@@ -175,6 +181,8 @@ __all__ = [
     # registration of images in world space (lazy)
     "register_images",
     "Registration",
+    # trained models in template space (lazy): jaxreg.load_model("mni152_atlas").register(fixed, moving, refine=20)
+    "load_model",
     # modules (spatial, transforms, losses loaded; the others lazy)
     "spatial",
     "transforms",
@@ -188,6 +196,7 @@ __all__ = [
     "methods",
     "evaluation",
     "world",
+    "atlas",
 ]
 
 

@@ -121,15 +121,17 @@ def _write_index(out, tpl, preset, entries):
 
 def records_from_config(data) -> list[dict]:
     """``[{"name", "image", "labels"}]`` of a ``data.kind == "subjects"`` config: ``data.source`` (folder),
-    ``data.source_image`` / ``data.source_labels`` (file name patterns with ``{}`` for the subject's name) and the
-    names in ``data.subjects.train`` and ``data.subjects.test``."""
+    ``data.source_image`` / ``data.source_labels`` (file name patterns with ``{}`` for the subject's name; or
+    ``data.files``, ``{name: image path under data.source}``, without labels) and the names in
+    ``data.subjects.train`` and ``data.subjects.test``."""
     names = list(dict.fromkeys([str(n) for n in (*data.subjects.train, *data.subjects.test)]))
     if not data.source or not os.path.isdir(data.source):
         raise FileNotFoundError(f"data.source: folder of subjects not found: {data.source!r}")
+    files = dict(data.get("files") or {})  # {name: image path under data.source}: overrides the pattern
     out = []
     for n in names:
-        rec = {"name": n, "image": os.path.join(data.source, data.source_image.format(n))}
-        if data.source_labels:
+        rec = {"name": n, "image": os.path.join(data.source, files.get(n) or data.source_image.format(n))}
+        if data.source_labels and n not in files:
             rec["labels"] = os.path.join(data.source, data.source_labels.format(n))
         for key in ("image", "labels"):
             if key in rec and not os.path.isfile(rec[key]):
@@ -274,9 +276,10 @@ def _predict(net):
 
 
 def load_model(name_or_path) -> Model:
-    """Read a model folder (by path or packaged name). A missing folder or file, an unreadable or corrupt file, or
-    parameters that do not fit the architecture in ``model.json`` raise ``FileNotFoundError``/``ValueError``
-    naming the file."""
+    """Read a model folder (by path or packaged name): a ``Model`` whose network takes two images on its template
+    grid (``meta["shape"]``, e.g. ``(80, 96, 80)`` at 2 mm) and whose ``register`` takes images of any shape. A
+    missing folder or file, an unreadable or corrupt file, or parameters that do not fit the architecture in
+    ``model.json`` raise ``FileNotFoundError``/``ValueError`` naming the file."""
     from flax import serialization
 
     folder = resolve(name_or_path)
@@ -307,13 +310,6 @@ def load_model(name_or_path) -> Model:
     return Model(folder, meta, net, params, template)
 
 
-def refine_options(iterations: int, preset: str = REFINE_PRESET) -> optimize.RegisterOptions:
-    """Instance optimisation: ``iterations`` steps of a dense displacement at full resolution with ``preset``'s
-    similarity and regulariser, no parametric stage, started from a given field (``initial_disp``)."""
-    return dataclasses.replace(optimize.PRESETS[preset], transform=None, init=None, deformable="disp", levels=(1,),
-                               iterations=(int(iterations),), crop=False)
-
-
 def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_labels=None,
                         progress=None) -> world.Registration:
     """See ``Model.register``."""
@@ -342,7 +338,7 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     options = optimize.PRESETS["affine"]
     if refine:
         t = time.perf_counter()
-        options = refine_options(refine)
+        options = optimize.instance_options(refine, REFINE_PRESET)
         u = jax.block_until_ready(optimize.register(f_t, m_t, options=options, initial_disp=u,
                                                     spacing=tpl.spacing, progress=progress).disp)
         seconds["refine"] = time.perf_counter() - t

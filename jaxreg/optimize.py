@@ -854,6 +854,14 @@ def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, movi
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RegisterOptions))
 
 
+def instance_options(iterations: int, preset: str = "default") -> RegisterOptions:
+    """Instance optimisation of a given field (``register(..., initial_disp=...)``, e.g. a network's): ``iterations``
+    steps of a dense displacement at full resolution with ``PRESETS[preset]``'s similarity, regulariser and step
+    size; no parametric stage, no crop."""
+    return dataclasses.replace(PRESETS[preset], transform=None, init=None, deformable="disp", levels=(1,),
+                               iterations=(int(iterations),), crop=False)
+
+
 def with_overrides(options: RegisterOptions | None, overrides: dict) -> RegisterOptions:
     """``options`` (default ``RegisterOptions()``) with the fields named in ``overrides`` replaced."""
     if options is None:

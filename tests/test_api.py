@@ -37,6 +37,7 @@ STATIC_POSITIONAL = {
     "matrix_about_centre_to_world": {"shape": "the voxel grid; cli.py calls it with (matrix, shape, affines)"},
     "register_images": {"fixed": "an image: a NIfTI path, nibabel image or io.Volume as well as an array",
                         "moving": "an image: a NIfTI path, nibabel image or io.Volume as well as an array"},
+    "load_model": {"name_or_path": "what is loaded: a packaged model's name or a model folder, not an option"},
 }
 # Functions whose positional array parameters carry no annotation yet: they live in modules outside this API
 # change (optimize.py is being reworked around RegisterOptions). Their images are arrays; only the annotation is
@@ -148,6 +149,7 @@ LAYERS = {
     "transforms": 2, "losses": 2,
     "optimize": 3, "demons": 3, "models": 3, "data": 3,
     "training": 4, "world": 4,
+    "atlas": 5,
     "methods": 5,
     "evaluation": 6,
     "cli": 7,

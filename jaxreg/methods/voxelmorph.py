@@ -191,8 +191,7 @@ def evaluation(config, workdir) -> Evaluation:
     if any(m.startswith("network") for m in names):
         model, params, info["checkpoint_step"] = load(config, workdir, dataset.shape)
         predict = make_predict(model)
-        instance = dataclasses.replace(optimize.PRESETS[e.classical_preset],
-            transform=None, init=None, deformable="disp", levels=(1,), iterations=(int(e.instance_iterations),))
+        instance = optimize.instance_options(int(e.instance_iterations), e.classical_preset)
         run["network"] = lambda p: {"disp": predict(params, p["moving"], p["fixed"])["disp"]}
         run["network+io"] = lambda p: {"disp": optimize.register(
             p["fixed"], p["moving"], options=instance,

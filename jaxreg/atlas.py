@@ -11,7 +11,9 @@ that register any pair of images through that space.
   the name of a packaged model, ``available()`` lists those): ``model.json`` (architecture, shape, training info),
   ``params.msgpack`` (Flax serialisation), ``template.nii.gz`` (its grid), ``README.md`` (data card).
 * ``Model.register(fixed, moving, refine=N)``: both images affinely aligned to the template, the network's field
-  on the template grid (optionally refined by ``N`` iterations of the classical engine from it), then the whole map
+  on the template grid (a pairwise model: one pass on the pair; an atlas model, trained with the template fixed:
+  one pass per image, ``phi_M ∘ phi_F^-1``), optionally refined by ``N`` iterations of the classical engine from
+  it, then the whole map
   carried back to the fixed image's own grid as a ``world.Registration`` (native space, the moving image on its own
   grid, interpolated once), like the classical result:
 
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg import models, optimize, training, world
+from jaxreg import models, optimize, spatial, training, transforms, world
 from jaxreg.data import io, preprocess, subjects
 
 #: where the packaged models live (one folder per model)
@@ -333,7 +335,12 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     if progress:
         progress("align", 1, 1, 0.0)
     t = time.perf_counter()
-    u = jax.block_until_ready(model.predict(m_t, f_t))
+    if model.meta.get("mode") == "atlas":  # trained with the template fixed: go through it
+        t_img = preprocess.normalize(np.asarray(tpl.data, np.float32))
+        u = _through_template(model.predict(m_t, t_img), model.predict(f_t, t_img))
+    else:
+        u = model.predict(m_t, f_t)
+    u = jax.block_until_ready(u)
     seconds["network"] = time.perf_counter() - t
     options = optimize.PRESETS["affine"]
     if refine:
@@ -347,6 +354,13 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     seconds["map_back"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return world.Registration(fixed_vol, moving_vol, options, np.eye(model.ndim + 1), disp, labels, seconds, {})
+
+
+@jax.jit
+def _through_template(u_moving, u_fixed):
+    """The pair's field on the template grid from an atlas model's two fields (template -> each image):
+    ``phi_M ∘ phi_F^-1`` (``transforms.invert_disp`` of the fixed image's)."""
+    return spatial.compose(u_moving, transforms.invert_disp(u_fixed))
 
 
 def _map_back(u, tpl: io.Volume, fixed: io.Volume, moving: io.Volume, a_f, a_m) -> np.ndarray:

@@ -208,3 +208,13 @@ def test_models_lists_the_packaged_models_name_first(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     names = [m["name"] for m in atlas.available()]
     assert [line.split("\t")[0] for line in lines if line] == names
+
+
+def test_an_atlas_models_two_fields_compose_through_the_template():
+    """``phi_M ∘ phi_F^-1``: the same field for both images is the identity; a field against zero is itself."""
+    import jax.numpy as jnp
+
+    x = np.stack(np.meshgrid(np.linspace(0, np.pi, 32), np.linspace(0, np.pi, 32), indexing="ij"), -1)
+    u = jnp.asarray(1.5 * np.sin(x[..., ::-1]) * np.cos(x), jnp.float32)
+    assert float(jnp.abs(atlas._through_template(u, u)).max()) < 0.05
+    assert float(jnp.abs(atlas._through_template(u, jnp.zeros_like(u)) - u).max()) < 1e-6

@@ -66,6 +66,7 @@ def get_config():
     c.data.align_preset = "affine"
     c.data.licence = "trained on Mindboggle-101 (CC BY-NC-SA 3.0): non-commercial, benchmark only, never in the package"
     c.data.label_groups = None  # {name: [values]}: classes of the Dice training term (semi-supervised)
+    c.data.slice_index = None  # an axial slice index: 2-D pairs of matched slices (configs/mindboggle_2d.py)
     c.data.num_labels = 0
     c.data.synthetic = None
 

@@ -43,6 +43,8 @@ MODEL_FILE, PARAMS_FILE, CARD_FILE = "model.json", "params.msgpack", "README.md"
 FORMAT = 1
 #: the classical preset whose metric and regulariser refine a network's field (``refine``)
 REFINE_PRESET = "default"
+#: how many images' affine alignments a loaded model remembers
+ALIGN_CACHE = 8
 
 
 def align(template: io.Volume, image, *, preset: str = "affine", mask=None) -> np.ndarray:
@@ -250,6 +252,8 @@ class Model:
     net: object
     params: object
     template: io.Volume
+    #: affine alignments already found, by image content (a fixed image shared by many pairs is aligned once)
+    aligned: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ndim(self) -> int:
@@ -327,8 +331,7 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     tpl = model.template
     mask = np.asarray(tpl.data) > 0
     seconds = {}
-    a_f = align(tpl, fixed_vol, mask=mask)
-    a_m = align(tpl, moving_vol, mask=mask)
+    a_f, a_m = (_aligned(model, vol, mask) for vol in (fixed_vol, moving_vol))
     f_t = preprocess.normalize(to_template(tpl, fixed_vol, a_f))
     m_t = preprocess.normalize(to_template(tpl, moving_vol, a_m))
     seconds["align"] = time.perf_counter() - t0
@@ -354,6 +357,19 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     seconds["map_back"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return world.Registration(fixed_vol, moving_vol, options, np.eye(model.ndim + 1), disp, labels, seconds, {})
+
+
+def _aligned(model: Model, vol: io.Volume, mask) -> np.ndarray:
+    """``align(model.template, vol)``, remembered by the image's content (the last ``ALIGN_CACHE`` images)."""
+    import hashlib
+
+    data = np.ascontiguousarray(vol.data)
+    key = hashlib.sha1(data.tobytes() + np.asarray(vol.affine).tobytes() + str(data.shape).encode()).hexdigest()
+    if key not in model.aligned:
+        while len(model.aligned) >= ALIGN_CACHE:
+            model.aligned.pop(next(iter(model.aligned)))
+        model.aligned[key] = align(model.template, vol, mask=mask)
+    return model.aligned[key]
 
 
 @jax.jit

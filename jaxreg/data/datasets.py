@@ -346,7 +346,8 @@ def _from_config(cfg, *, split: str):
         names = tuple(cfg.subjects.train if split == "train" else cfg.subjects.test)
         groups = cfg.label_groups if split == "train" else None  # evaluation scores every region
         return SubjectPairs(cfg.path, subjects=names, mode=cfg.mode, shuffle=split == "train",
-                            label_groups=dict(groups) if groups else None, seed=seed)
+                            label_groups=dict(groups) if groups else None, seed=seed,
+                            slice_index=cfg.get("slice_index"))
     if kind in ("synthetic", "mni"):  # generated: the shape is the config's
         shape = _shape(cfg.shape, f"data.shape (data.kind={kind!r})")
     else:  # files: None (or empty) means the images' own shape

@@ -116,6 +116,8 @@ class SubjectPairs:
       label_groups: ``{name: [label values]}``: one class per group (others background); default one class per
         label value present in the used subjects.
       seed: the shuffling seed.
+      slice_index: a 3-D set's axial slice (last axis) to use instead of the volumes: 2-D pairs of matched slices
+        (every subject is affinely aligned to the template, so one index is one anatomical level).
 
     Attributes: ``shape``, ``num_labels`` (None without labels), ``label_values`` (per class, or None with groups),
     ``label_names`` ``{class: name}``, ``names`` (subjects), ``spacing`` (mm), ``affine`` (the template grid's),
@@ -124,7 +126,7 @@ class SubjectPairs:
     """
 
     def __init__(self, folder, *, subjects=None, mode: str = "pairwise", shuffle: bool = True, label_groups=None,
-                 seed: int = 0):
+                 seed: int = 0, slice_index: int | None = None):
         index = read_index(folder)
         source = os.path.join(os.fspath(folder), INDEX)
         if mode not in ("pairwise", "atlas"):
@@ -146,6 +148,12 @@ class SubjectPairs:
             if a["image"].shape != self.shape:
                 raise ValueError(f"{subject_path(folder, n)}: image shape {a['image'].shape} is not the template "
                                  f"grid's {self.shape}")
+        if slice_index is not None:
+            if len(self.shape) != 3 or not 0 <= int(slice_index) < self.shape[-1]:
+                raise ValueError(f"{source}: slice_index {slice_index} is not an axial slice of the {self.shape} grid")
+            arrays = [{k: v[..., int(slice_index)] for k, v in a.items()} for a in arrays]
+            self.shape, self.spacing = self.shape[:2], self.spacing[:2]
+        self.slice_index = slice_index
         self.images = [a["image"] for a in arrays]
         has = ["labels" in a for a in arrays]
         self.labels = self.num_labels = self.label_values = None
@@ -156,6 +164,8 @@ class SubjectPairs:
             self.labels = [lookup(a["labels"]) for a in arrays]
         if mode == "atlas":
             self.template = preprocess.normalize(io.load(os.path.join(self.folder, TEMPLATE)).data)
+            if slice_index is not None:
+                self.template = self.template[..., int(slice_index)]
             self.pairs = [(-1, m) for m in range(len(names))]
         else:
             self.pairs = [(f, m) for f in range(len(names)) for m in range(len(names)) if f != m]

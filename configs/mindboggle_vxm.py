@@ -53,6 +53,8 @@ def coarse_groups() -> dict:
 
 def get_config():
     c = synthetic_2d.get_config()
+    c.description = ("pairwise brain registration (T1, skull-stripped) through MNI152 at 2 mm; Mindboggle "
+                     "subjects 1-8; benchmark only (CC BY-NC-SA)")
     c.data.kind = "subjects"
     c.data.path = "runs/learning_sets/mindboggle_mni_2mm"  # the cached learning set (built on first use)
     c.data.source = os.path.normpath(DATA)

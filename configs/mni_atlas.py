@@ -25,6 +25,8 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sha
 
 def get_config():
     c = mindboggle_vxm.get_config()
+    c.description = ("atlas registration of a skull-stripped T1 brain to MNI152 2009 at 2 mm (any pair: through the "
+                     "template); trained on open_ms + Colin27 + augmentation")
     c.data.path = "runs/learning_sets/mni_atlas_2mm"
     c.data.source = os.path.normpath(DATA)
     c.data.files = ml_collections.ConfigDict({"open_ms_07": "open_ms/cross_sectional/patient07/T1.nii.gz",

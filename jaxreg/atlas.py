@@ -9,7 +9,7 @@ that register any pair of images through that space.
   (``train.py`` and ``evaluate.py`` call it before anything is compiled).
 * A **model folder** (``export_model`` writes one from a training workdir; ``load_model`` reads one by path or by
   the name of a packaged model, ``available()`` lists those): ``model.json`` (architecture, shape, training info),
-  ``params.msgpack`` (Flax serialisation), ``template.nii.gz`` (its grid), ``README.md`` (data card).
+  ``params.msgpack`` (Flax serialisation), ``template.nii.gz`` (its grid, uint8), ``README.md`` (data card).
 * ``Model.register(fixed, moving, refine=N)``: both images affinely aligned to the template, the network's field
   on the template grid (a pairwise model: one pass on the pair; an atlas model, trained with the template fixed:
   one pass per image, ``phi_M ∘ phi_F^-1``), optionally refined by ``N`` iterations of the classical engine from
@@ -182,7 +182,10 @@ def export_model(out, *, net_config: dict, params, template: io.Volume, info: di
     io.write_json(os.path.join(tmp, MODEL_FILE), meta)
     with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
         f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
-    io.save(os.path.join(tmp, subjects.TEMPLATE), io.Volume(np.asarray(template.data, np.float32), template.affine))
+    data = np.asarray(template.data, np.float32)  # stored as uint8 (models normalise it): ~4x smaller
+    span = max(float(data.max() - data.min()), 1e-12)
+    io.save(os.path.join(tmp, subjects.TEMPLATE),
+            io.Volume(np.round((data - data.min()) / span * 255).astype(np.uint8), template.affine))
     with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
         f.write(card)
     if os.path.isdir(out):
@@ -193,8 +196,9 @@ def export_model(out, *, net_config: dict, params, template: io.Volume, info: di
 
 def export_workdir(config, workdir, out, *, description: str = "", card: str = "") -> str:
     """The model folder ``out`` of a training ``workdir`` of a ``data.kind == "subjects"`` config: its latest
-    checkpoint, the learning set's template, ``info`` from the config (data, split, steps, licence) and a data card
-    (``card`` appended to the generated one). Raises ``ValueError`` for another kind of config."""
+    checkpoint, the learning set's template, ``info`` from the config (data, split, steps, licence, its
+    ``description`` unless one is given) and a data card (``card`` appended to the generated one). Raises
+    ``ValueError`` for another kind of config."""
     data = config.data
     if data.get("kind") != "subjects":
         raise ValueError(f"export: config.data.kind must be 'subjects' (a template-space model), got {data.kind!r}")
@@ -204,6 +208,7 @@ def export_workdir(config, workdir, out, *, description: str = "", card: str = "
     net = models.build(**net_config)
     params, step = training.load_params(workdir, model=net, shape=tuple(data.shape))
     template = io.load(os.path.join(data.path, subjects.TEMPLATE))
+    description = description or config.get("description", "")
     info = {"description": description, "steps": int(step), "mode": data.mode,
             "train_subjects": list(data.subjects.train), "test_subjects": list(data.subjects.test),
             "source": os.path.abspath(data.source), "licence": data.get("licence", ""),

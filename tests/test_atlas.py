@@ -218,3 +218,17 @@ def test_an_atlas_models_two_fields_compose_through_the_template():
     u = jnp.asarray(1.5 * np.sin(x[..., ::-1]) * np.cos(x), jnp.float32)
     assert float(jnp.abs(atlas._through_template(u, u)).max()) < 0.05
     assert float(jnp.abs(atlas._through_template(u, jnp.zeros_like(u)) - u).max()) < 1e-6
+
+
+def test_the_packaged_atlas_model_loads_and_maps_the_template_onto_itself():
+    """The model shipped in the package (licence-clean training data) is listed, loads, and leaves its own
+    template where it is."""
+    from jaxreg.data import preprocess
+
+    assert "mni152_atlas" in [m["name"] for m in atlas.available()]
+    model = atlas.load_model("mni152_atlas")
+    assert model.meta["mode"] == "atlas" and "mindboggle" not in json.dumps(model.meta).lower()
+    t = preprocess.normalize(np.asarray(model.template.data, np.float32))
+    u = np.asarray(model.predict(t, t))
+    assert u.shape == model.template.shape + (3,) and np.isfinite(u).all()
+    assert np.abs(u).mean() < 0.5, np.abs(u).mean()  # voxels

@@ -97,7 +97,8 @@ def measure(pair, disp, *, measures, label_names, spacing) -> dict:
     ``pair``: as ``jaxreg.methods.Evaluation.pairs`` gives it; ``disp`` ``(*S, ndim)`` the field (voxels, pull:
     the moving labels are warped by it with nearest neighbour); ``label_names`` ``{label: name}``; ``spacing``
     mm per axis. Returns ``dice``/``jaccard``/``hd95``/``assd`` as ``{name: value}`` with their ``*_mean`` over
-    labels (NaN-ignoring); ``folding_pct`` (% of voxels with det J <= 0) and ``sdlogj`` (``"jacobian"``);
+    labels (NaN-ignoring): the labels present in the fixed map (Dice, Jaccard; a region lost by the warp scores 0)
+    and in both maps (HD95, ASSD); ``folding_pct`` (% of voxels with det J <= 0) and ``sdlogj`` (``"jacobian"``);
     ``epe_mm`` (mean end-point error over the fixed foreground, when the pair has the true ``disp``); ``tre_mm``,
     ``tre_p90_mm`` (when it has ``landmarks`` and ``disp``).
     """
@@ -108,14 +109,16 @@ def measure(pair, disp, *, measures, label_names, spacing) -> dict:
     unknown = sorted(set(measures) - set(MEASURES))
     if unknown:
         raise ValueError(f"unknown measures {unknown}; choose from {MEASURES}")
-    labels = list(label_names)
     fl = np.asarray(pair["fixed_labels"])
     warped = np.asarray(spatial.warp_labels(jnp.asarray(pair["moving_labels"]), jnp.asarray(disp)))
+    in_fixed = set(np.unique(fl).tolist())
+    labels = [k for k in label_names if k in in_fixed]  # a label the fixed map lacks is not scored
+    in_both = [k for k in labels if k in set(np.unique(warped).tolist())]  # distances need both surfaces
     row = {}
     per_label = {"dice": lambda: metrics.dice(fl, warped, labels=labels),
                  "jaccard": lambda: metrics.jaccard(fl, warped, labels=labels),
-                 "hd95": lambda: metrics.hd95(fl, warped, labels=labels, spacing=spacing),
-                 "assd": lambda: metrics.assd(fl, warped, labels=labels, spacing=spacing)}
+                 "hd95": lambda: metrics.hd95(fl, warped, labels=in_both, spacing=spacing),
+                 "assd": lambda: metrics.assd(fl, warped, labels=in_both, spacing=spacing)}
     for name, fn in per_label.items():
         if name in measures:
             values = fn()

@@ -856,9 +856,12 @@ _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RegisterOptions))
 
 def instance_options(iterations: int, preset: str = "default") -> RegisterOptions:
     """Instance optimisation of a given field (``register(..., initial_disp=...)``, e.g. a network's): ``iterations``
-    steps of a dense displacement at full resolution with ``PRESETS[preset]``'s similarity, regulariser and step
-    size; no parametric stage, no crop."""
-    return dataclasses.replace(PRESETS[preset], transform=None, init=None, deformable="disp", levels=(1,),
+    steps at full resolution with ``PRESETS[preset]``'s similarity, regulariser and step size, and its deformable
+    model when that is dense (greedy ``"diffeo"`` updates composed onto the field, or ``"disp"``; else ``"disp"``);
+    no parametric stage, no crop."""
+    base = PRESETS[preset]
+    model = base.deformable if base.deformable in ("disp", "diffeo") else "disp"
+    return dataclasses.replace(base, transform=None, init=None, deformable=model, levels=(1,),
                                iterations=(int(iterations),), crop=False)
 
 

@@ -453,7 +453,7 @@ def test_too_many_label_classes_is_an_error(tmp_path):
 @pytest.mark.parametrize("field, value, needle", [
     ("shape", None, "data.shape (data.kind='synthetic') must be a spatial shape"),
     ("shape", (32, 32, None), "data.shape"),
-    ("kind", "bogus", "data.kind must be one of 'synthetic', 'mni', 'folder', 'json', got 'bogus'"),
+    ("kind", "bogus", "data.kind must be one of 'synthetic', 'mni', 'folder', 'json', 'subjects', got 'bogus'"),
     ("num_labels", 300000, "data.num_labels must be an int in [2, 1000]"),
 ])
 def test_data_config_errors_name_the_field(field, value, needle):
@@ -496,7 +496,7 @@ def test_train_and_evaluate_scripts_report_errors_in_one_line(tmp_path):
                            capture_output=True, text=True, env=env, timeout=120)
     assert train.returncode == 2 and "Traceback" not in train.stderr, train.stderr[-2000:]
     assert train.stderr.strip().splitlines()[-1] == ("train.py: error: data.kind must be one of 'synthetic', 'mni', "
-                                                     "'folder', 'json', got 'bogus'")
+                                                     "'folder', 'json', 'subjects', got 'bogus'")
     assert not (tmp_path / "w").exists()  # nothing written
     ev = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *cfg], capture_output=True, text=True,
                         env=env, timeout=120)

@@ -70,21 +70,15 @@ def main(argv):
         atlas.prepare(FLAGS.config)  # a "subjects" learning set is aligned and cached on first use
         state = methods.get(FLAGS.config.method).fit(FLAGS.config, FLAGS.workdir, stop_at=FLAGS.stop_at,
                                                      progress=FLAGS.progress)
+        print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {FLAGS.workdir}")
+        if FLAGS.export:
+            atlas.export_workdir(FLAGS.config, FLAGS.workdir, FLAGS.export)
+            print(f"model folder written to {FLAGS.export}")
     except ERRORS as err:
         if FLAGS.debug:
             raise
         print(f"train.py: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
-    print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {FLAGS.workdir}")
-    if FLAGS.export:
-        try:
-            atlas.export_workdir(FLAGS.config, FLAGS.workdir, FLAGS.export)
-        except ERRORS as err:
-            if FLAGS.debug:
-                raise
-            print(f"train.py: error: {one_line(err)}", file=sys.stderr)
-            sys.exit(2)
-        print(f"model folder written to {FLAGS.export}")
 
 
 if __name__ == "__main__":

@@ -75,13 +75,9 @@ def build_learning_set(records, out, *, template: io.Volume, mask=None, preset: 
     if not records or len(set(names)) != len(names):
         raise ValueError(f"learning set {out}: records need unique names, got {names}")
     for r in records:
-        for key in ("image", "labels"):
-            if r.get(key) is not None:
-                header = io.check_header(r[key])
-                if key == "labels":
-                    img = io.check_header(r["image"])
-                    if not np.allclose(header, img, atol=1e-3):
-                        raise ValueError(f"{r['labels']}: label map is not on its image's grid ({r['image']})")
+        image = io.check_header(r["image"])
+        if r.get("labels") is not None and not np.allclose(io.check_header(r["labels"]), image, atol=1e-3):
+            raise ValueError(f"{r['labels']}: label map is not on its image's grid ({r['image']})")
     os.makedirs(out, exist_ok=True)
     tpl = {"shape": list(template.shape), "affine": np.asarray(template.affine).tolist()}
     old = {}
@@ -202,9 +198,8 @@ def export_workdir(config, workdir, out, *, description: str = "", card: str = "
     data = config.data
     if data.get("kind") != "subjects":
         raise ValueError(f"export: config.data.kind must be 'subjects' (a template-space model), got {data.kind!r}")
-    net_config = {"ndim": len(data.shape), **{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+    net_config = {"ndim": len(data.shape), **{k: list(v) if isinstance(v, (list, tuple)) else v
                                               for k, v in dict(config.model).items()}}
-    net_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in net_config.items()}
     net = models.build(**net_config)
     params, step = training.load_params(workdir, model=net, shape=tuple(data.shape))
     template = io.load(os.path.join(data.path, subjects.TEMPLATE))
@@ -391,9 +386,7 @@ def _map_back(u, tpl: io.Volume, fixed: io.Volume, moving: io.Volume, a_f, a_m) 
     affine = lambda a: io.as_affine4(a, nd)  # noqa: E731
     to_tpl = np.linalg.inv(affine(tpl.affine)) @ np.linalg.inv(a_f) @ affine(fixed.affine)  # fixed vox -> tpl vox
     back = np.linalg.inv(affine(fixed.affine)) @ a_m @ affine(tpl.affine)  # tpl vox -> fixed vox (through M)
-    rows = [0, 1, 2][:nd] if nd == 3 else [0, 1]
-    to_tpl = _square(to_tpl, rows)
-    back = _square(back, rows)
+    to_tpl, back = _square(to_tpl, nd), _square(back, nd)
     return np.asarray(_map_back_jit(jnp.asarray(u), jnp.asarray(to_tpl, jnp.float32), jnp.asarray(back, jnp.float32),
                                     tuple(fixed.shape)), np.float32)
 
@@ -416,7 +409,7 @@ def _map_back_body(u, to_tpl, back, shape):
 _map_back_jit = jax.jit(_map_back_body, static_argnums=3)
 
 
-def _square(matrix: np.ndarray, rows) -> np.ndarray:
+def _square(matrix: np.ndarray, nd: int) -> np.ndarray:
     """The ``(nd+1, nd+1)`` voxel matrix of a ``(4, 4)`` one (2-D: the in-plane rows/columns and the offset)."""
-    idx = list(rows) + [3]
+    idx = list(range(nd)) + [3]
     return matrix[np.ix_(idx, idx)]

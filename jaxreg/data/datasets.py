@@ -67,6 +67,17 @@ def _shape(value, where: str) -> tuple:
     return tuple(int(n) for n in shape)
 
 
+def label_values(labels, source: str) -> np.ndarray:
+    """The classes of the label maps ``labels``: the values present (0 always among them), sorted, int64; class
+    ``k`` is ``values[k]`` (``np.searchsorted(values, lab)`` numbers a map ``0 .. K-1``, never ``max + 1``). More
+    than ``MAX_LABELS`` values is a ``ValueError`` naming ``source``."""
+    values = np.union1d(np.unique(np.concatenate([np.unique(lab) for lab in labels])), [0])
+    if len(values) > MAX_LABELS:
+        raise ValueError(f"{source}: the label maps hold {len(values)} distinct labels, more than "
+                         f"MAX_LABELS = {MAX_LABELS} (is a label file an intensity image?)")
+    return values.astype(np.int64)
+
+
 def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
@@ -157,12 +168,8 @@ class VolumePairs:
         self.images = [preprocess.crop_or_pad(preprocess.normalize(im), self.shape) for im in images]
         self.labels, self.label_values, self.num_labels = None, None, None
         if labels:
-            # the classes are the values present (0 always): a lookup table numbers them 0..K-1, never max + 1
-            values = np.union1d(np.unique(np.concatenate([np.unique(lab) for lab in labels])), [0])
-            if len(values) > MAX_LABELS:
-                raise ValueError(f"{source}: the label maps hold {len(values)} distinct labels, more than "
-                                 f"MAX_LABELS = {MAX_LABELS} (is a label file an intensity image?)")
-            self.label_values = values.astype(np.int64)
+            values = label_values(labels, source)
+            self.label_values = values
             self.num_labels = len(values)
             self.labels = [preprocess.crop_or_pad(np.searchsorted(values, lab).astype(np.int32), self.shape)
                            for lab in labels]

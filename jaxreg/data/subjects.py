@@ -78,7 +78,7 @@ def load_subject(folder, name: str) -> dict:
 
 
 def _classes(labels: list[np.ndarray], groups, source: str):
-    """``(lookup(values) -> classes, num_labels, names)`` for the label maps ``labels``."""
+    """``(lookup(values) -> classes, num_labels, names, label_values or None)`` for the label maps ``labels``."""
     if groups:
         names = list(groups)
         table = {}
@@ -96,11 +96,9 @@ def _classes(labels: list[np.ndarray], groups, source: str):
             return np.where(keys[i] == lab, vals[i], 0).astype(np.int32)
 
         return lookup, len(names) + 1, {k: n for k, n in enumerate(names, start=1)}, None
-    values = np.union1d(np.unique(np.concatenate([np.unique(lab) for lab in labels])), [0]).astype(np.int64)
-    from .datasets import MAX_LABELS
+    from .datasets import label_values
 
-    if len(values) > MAX_LABELS:
-        raise ValueError(f"{source}: {len(values)} distinct label values, more than MAX_LABELS = {MAX_LABELS}")
+    values = label_values(labels, source)
     return (lambda lab: np.searchsorted(values, lab).astype(np.int32)), len(values), \
         {k: str(int(v)) for k, v in enumerate(values) if k}, values
 

@@ -203,7 +203,9 @@ def run_jaxreg(fixed, moving, moving_labels, options, **kw) -> dict:
 def run_model(model, fixed, moving, moving_labels, refine: int = 0) -> dict:
     """One ``jaxreg.atlas.Model.register`` call (``--model``): both images aligned to the model's template, the
     network's field (``refine`` engine iterations from it), carried back to the fixed grid. Returns what
-    ``run_jaxreg`` returns."""
+    ``run_jaxreg`` returns. The model's cache of alignments is emptied first: every call pays for both affine
+    alignments, as a single ``jaxreg register --model`` does (``level_seconds["align"]`` says how much)."""
+    model.aligned.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     reg = model.register(fixed, moving, refine=refine, moving_labels=moving_labels)
     warped = np.asarray(reg.warped_labels.data) if moving_labels is not None else None

@@ -61,7 +61,8 @@ class Template:
     matrices: ``(N, 4, 4)`` RAS mm, template world point -> subject world point (the affine part, pull).
     fields: ``(N, *S, ndim)`` float32 template-grid voxel fields: template voxel ``x`` lies at subject world point
       ``matrices[i] @ template.affine @ [x + fields[i](x), 1]`` (zeros after affine rounds only).
-    sharpness: per round, the mean normalised cross-correlation of the warped subjects with the template.
+    sharpness: per round, the mean normalised cross-correlation of the warped subjects with the template over the
+      template's foreground (``optimize._foreground``).
     seconds: per round, wall seconds.
     """
 
@@ -170,8 +171,11 @@ def _non_rigid_mean(matrices: np.ndarray, nd: int) -> np.ndarray:
 
 
 @jax.jit
-def _ncc(a, b):
-    a, b = a - a.mean(), b - b.mean()
+def _ncc(a, b, mask):
+    """Normalised cross-correlation of ``a`` and ``b`` over the voxels where ``mask`` (same shape, 0/1)."""
+    n = mask.sum()
+    a = (a - (a * mask).sum() / n) * mask
+    b = (b - (b * mask).sum() / n) * mask
     return (a * b).sum() / jnp.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
 
 
@@ -288,7 +292,8 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
             fields = np.asarray(_mean_field_removed_jit(jnp.asarray(flds)), np.float32)
         warped = pulled(matrices, fields)
         tpl = warped.mean(0)
-        sharp.append(float(np.mean([_ncc(jnp.asarray(w), jnp.asarray(tpl)) for w in warped])))
+        fg = jnp.asarray(optimize._foreground(tpl), jnp.float32)
+        sharp.append(float(np.mean([_ncc(jnp.asarray(w), jnp.asarray(tpl), fg) for w in warped])))
         secs.append(time.perf_counter() - t0)
         if folder:
             _save_state(folder, {"round": r + 1, "matrices": matrices, "fields": fields, "template": tpl,

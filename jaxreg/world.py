@@ -231,7 +231,7 @@ class Registration:
 
 
     def save(self, folder, *, itk: bool = True, inverse: bool = False, l2r: tuple[str, str] | None = None,
-             report: dict | None = None) -> dict:
+             report: dict | None = None, uncertainty=None) -> dict:
         """Write the results into ``folder`` all at once; returns ``{what: file name}``.
 
         Every file is written into a staging folder beside ``folder`` and moved in only when all succeeded; result
@@ -251,6 +251,7 @@ class Registration:
         * with ``inverse``: ``inverse_displacement.nii.gz`` (RAS mm on the moving grid, ``T^-1(q) - q``),
           ``inverse_warp_itk.nii.gz`` (the same, LPS) and ``affine_inverse.txt`` (the inverse of the affine, ITK);
         * with ``l2r=(fixed_id, moving_id)``: Learn2Reg's ``disp_FFFF_MMMM.nii.gz`` (fixed-grid voxels);
+        * with ``uncertainty`` (``(*S_fixed)`` mm, ``jaxreg.uncertainty``): ``uncertainty.nii.gz`` on the fixed grid;
         * with ``report``: ``report.json``.
         """
         from jaxreg.data import itk as itk_io
@@ -272,6 +273,9 @@ class Registration:
             put("displacement_mm_ras", "displacement.nii.gz",
                 lambda p: io.save_displacement(p, self.total_disp, self.fixed.affine))
             put("affine_world", "affine.json", lambda p: io.save_matrix(p, self.world_matrix))
+            if uncertainty is not None:
+                put("uncertainty_mm", "uncertainty.nii.gz",
+                    lambda p: io.save(p, io.Volume(np.asarray(uncertainty, np.float32), self.fixed.affine)))
             if itk:
                 put("affine_ants", "0GenericAffine.mat", lambda p: itk_io.write_affine(p, self.world_matrix))
                 put("affine_itk", "affine.txt", lambda p: itk_io.write_affine(p, self.world_matrix))
@@ -316,7 +320,7 @@ def _as_3d(field: np.ndarray) -> np.ndarray:
 #: every fixed file name ``Registration.save`` may write (a Learn2Reg file is named after the pair)
 FILES = ("warped.nii.gz", "warped_labels.nii.gz", "displacement.nii.gz", "affine.json", "0GenericAffine.mat",
          "affine.txt", "1Warp.nii.gz", "inverse_displacement.nii.gz", "inverse_warp_itk.nii.gz",
-         "affine_inverse.txt", "report.json")
+         "affine_inverse.txt", "uncertainty.nii.gz", "report.json")
 
 
 def earlier_results(folder) -> list[str]:

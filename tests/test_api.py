@@ -149,7 +149,7 @@ LAYERS = {
     "transforms": 2, "losses": 2,
     "optimize": 3, "demons": 3, "models": 3, "data": 3,
     "training": 4, "world": 4,
-    "atlas": 5, "uncertainty": 5,
+    "atlas": 5, "uncertainty": 5, "groupwise": 5,
     "methods": 5,
     "evaluation": 6,
     "cli": 7,

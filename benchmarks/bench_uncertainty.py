@@ -37,6 +37,8 @@ import bench_real  # noqa: E402  (benchmarks/ on sys.path: its loader, pairs and
 
 MAPS = ("laplace", "ensemble")
 BASELINES = ("boundary",)
+#: the boundary band: brain voxels within this many mm of a boundary between fixed labels
+BAND_MM = 2.0
 
 
 def boundary_score(labels: np.ndarray, spacing) -> np.ndarray:
@@ -58,13 +60,15 @@ def boundary_score(labels: np.ndarray, spacing) -> np.ndarray:
     return -ndimage.distance_transform_edt(~edge, sampling=np.asarray(spacing, np.float64)).astype(np.float32)
 
 
-def score_map(sd: np.ndarray, error: np.ndarray, brain: np.ndarray) -> dict:
-    """AUC and Spearman correlation of ``sd`` with ``error`` inside ``brain``, and the mean of ``sd`` over the wrong
-    and the right voxels there."""
+def score_map(sd: np.ndarray, error: np.ndarray, brain: np.ndarray, band: np.ndarray) -> dict:
+    """AUC and Spearman correlation of ``sd`` with ``error`` inside ``brain``, the AUC inside ``band`` (brain voxels
+    near a label boundary, where a misplaced map changes the label: the question there is which of them are wrong),
+    and the mean of ``sd`` over the wrong and the right voxels."""
     from jaxreg import uncertainty
 
     wrong, right = brain & error, brain & ~error
     return {"auc": uncertainty.error_auc(sd, error, mask=brain),
+            "auc_band": uncertainty.error_auc(sd, error, mask=band),
             "spearman": uncertainty.spearman(sd, error, mask=brain),
             "mean_wrong": float(sd[wrong].mean()), "mean_right": float(sd[right].mean()),
             "brain_mean": float(sd[brain].mean()), "brain_p95": float(np.percentile(sd[brain], 95))}
@@ -80,25 +84,28 @@ def _stats(values) -> dict | None:
 def table(rows: list[dict], methods) -> str:
     """Markdown: one line per pair and map (AUC, Spearman, mean sd on wrong / right voxels, seconds), then the mean
     over pairs of each map."""
-    lines = ["| pair | map | AUC | Spearman | sd wrong mm | sd right mm | s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| pair | map | AUC (brain) | AUC (boundary band) | Spearman | sd wrong mm | sd right mm | s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for m in methods:
             s = r["maps"].get(m)
             if s is None or s.get("error"):
-                lines.append(f"| {r['fixed']} ← {r['moving']} | {m} | failed: {s and s.get('error')} | | | | |")
+                lines.append(f"| {r['fixed']} ← {r['moving']} | {m} | failed: {s and s.get('error')} | | | | | |")
                 continue
             sec = f"{s['seconds']:.1f}" if s.get("seconds") is not None else "–"
-            lines.append(f"| {r['fixed']} ← {r['moving']} | {m} | {s['auc']:.3f} | {s['spearman']:.3f} | "
+            lines.append(f"| {r['fixed']} ← {r['moving']} | {m} | {s['auc']:.3f} | {s['auc_band']:.3f} | "
+                         f"{s['spearman']:.3f} | "
                          f"{s['mean_wrong']:.3f} | {s['mean_right']:.3f} | {sec} |")
     if len(rows) > 1:
         for m in methods:
             ok = [r["maps"][m] for r in rows if m in r["maps"] and not r["maps"][m].get("error")]
             auc, rho = _stats([s["auc"] for s in ok]), _stats([s["spearman"] for s in ok])
+            band = _stats([s["auc_band"] for s in ok])
             sec = _stats([s.get("seconds") for s in ok])
             if auc:
                 sec_text = f"{sec['mean']:.1f}" if sec else "–"
                 lines.append(f"| mean of {auc['n']} | {m} | {auc['mean']:.3f} ± {auc['sd']:.3f} | "
+                             f"{band['mean']:.3f} ± {band['sd']:.3f} | "
                              f"{rho['mean']:.3f} ± {rho['sd']:.3f} | | | {sec_text} |")
     return "\n".join(lines)
 
@@ -178,22 +185,24 @@ def main(argv=None) -> int:
         print(f"  registered in {row['register_seconds']:.1f} s: Dice {row['dice_mean']:.3f}, "
               f"{100 * row['error_fraction']:.1f} % of the brain mislabelled", flush=True)
         maps = {"boundary": boundary_score(labels, fixed.spacing)}
-        row["maps"]["boundary"] = {**score_map(maps["boundary"], error, brain), "seconds": None}
+        band = brain & (maps["boundary"] >= -BAND_MM)
+        row["band_error_fraction"] = float(error[band].mean())
+        row["maps"]["boundary"] = {**score_map(maps["boundary"], error, brain, band), "seconds": None}
         for m in methods:
             try:
                 t0 = time.perf_counter()
                 maps[m] = uncertainty.estimate(reg, method=m, **options[m])
                 seconds = time.perf_counter() - t0
-                row["maps"][m] = {**score_map(maps[m], error, brain), "seconds": seconds,
+                row["maps"][m] = {**score_map(maps[m], error, brain, band), "seconds": seconds,
                                   "finite": bool(np.isfinite(maps[m]).all())}
             except Exception as exc:  # noqa: BLE001  a failed map is a result, not the end of the run
                 row["maps"][m] = {"error": f"{type(exc).__name__}: {exc}"}
             s = row["maps"][m]
             print(f"  {m:>9}: " + (f"FAILED {s['error']}" if s.get("error") else
-                                   f"AUC {s['auc']:.3f}, Spearman {s['spearman']:.3f}, sd wrong {s['mean_wrong']:.3f} "
+                                   f"AUC {s['auc']:.3f} (band {s['auc_band']:.3f}), Spearman {s['spearman']:.3f}, sd wrong {s['mean_wrong']:.3f} "
                                    f"/ right {s['mean_right']:.3f} mm, {s['seconds']:.1f} s"), flush=True)
         b = row["maps"]["boundary"]
-        print(f"   boundary: AUC {b['auc']:.3f}, Spearman {b['spearman']:.3f}", flush=True)
+        print(f"   boundary: AUC {b['auc']:.3f} (band {b['auc_band']:.3f}), Spearman {b['spearman']:.3f}", flush=True)
         if args.save_maps:
             folder = os.path.join(args.save_maps, f"{fid}_{mid}")
             os.makedirs(folder, exist_ok=True)

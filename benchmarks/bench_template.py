@@ -37,6 +37,34 @@ def _ids(spec: str) -> list[int]:
     return out
 
 
+def ants_template(vols: dict, subjects: list, iterations: int) -> dict:
+    """ANTsPy's ``build_template`` (SyN, its defaults: the first image's grid, gradient step 0.2, no-rigid affine
+    average) of the normalised subjects; its seconds, and the mean NCC over the template's foreground of each subject
+    registered to it by SyN (``groupwise``'s sharpness)."""
+    import ants
+    import jax.numpy as jnp
+
+    from jaxreg import groupwise, optimize
+    from jaxreg.data import io, preprocess
+
+    images = [bench_real._ants_image(io.Volume(preprocess.normalize(np.asarray(vols[s][0].data, np.float32)),
+                                               vols[s][0].affine)) for s in subjects]
+    t = time.perf_counter()
+    tpl = ants.build_template(image_list=images, iterations=iterations, type_of_transform="SyN")
+    seconds = time.perf_counter() - t
+    data = tpl.numpy()
+    fg = jnp.asarray(optimize._foreground(data), jnp.float32)
+    ncc = []
+    for im in images:
+        warped = ants.registration(fixed=tpl, moving=im, type_of_transform="SyN")["warpedmovout"].numpy()
+        ncc.append(float(groupwise._ncc(jnp.asarray(warped, jnp.float32), jnp.asarray(data, jnp.float32), fg)))
+    out = {"iterations": iterations, "seconds": seconds, "sharpness": float(np.mean(ncc)), "shape": list(data.shape),
+           "version": getattr(ants, "__version__", "?")}
+    print(f"ANTsPy build_template ({iterations} SyN iterations) {data.shape}: {seconds:.0f} s, sharpness "
+          f"{out['sharpness']:.4f}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=bench_real.DEFAULT_DATA)
@@ -48,6 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="pairwise", choices=("pairwise", "joint"))
     ap.add_argument("--direct", action="store_true", help="also direct pair-wise multi-atlas propagation")
     ap.add_argument("--no-sequential", action="store_true", help="skip the one-by-one timing of a round")
+    ap.add_argument("--ants", type=int, default=0, metavar="N",
+                    help="also ANTsPy's ants.build_template (N iterations of SyN, its defaults) on the same images, "
+                         "and its sharpness after registering each subject to it (SyN) [0: skip]")
+    ap.add_argument("--skip-jaxreg", action="store_true", help="only the ANTs template (with --ants)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(args.data, "mindboggle20")):
@@ -73,6 +105,11 @@ def main(argv=None) -> int:
             json.dump(record, f, indent=1, default=float)
         os.replace(tmp, args.out)
 
+    if args.ants:
+        record["ants"] = ants_template(vols, subjects, args.ants)
+        save()
+    if args.skip_jaxreg:
+        return 0
     t0 = time.perf_counter()
     tpl = groupwise.build_template([vols[s][0] for s in subjects], affine_rounds=args.affine_rounds,
                                    deformable_rounds=args.rounds, mode=args.mode, progress=print)

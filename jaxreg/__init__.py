@@ -24,7 +24,9 @@ The public API, by floor (every name is also its module's: ``jaxreg.warp is jaxr
   template, the network's field carried back to the fixed grid); ``jaxreg.atlas.available()`` lists the packaged ones.
 * **Modules**: ``data`` (NIfTI I/O, preprocessing, datasets, augmentation, synthetic data), ``models`` (Flax
   networks), ``training`` (train step, loop, checkpoints), ``methods`` (the learned methods), ``evaluation``
-  (measures per pair, tables, figures, the held-out evaluation loop).
+  (measures per pair, tables, figures, the held-out evaluation loop), ``groupwise`` (template building:
+  ``build_template``, label fusion through the template), ``uncertainty`` (per-voxel displacement uncertainty of a
+  ``Registration``: ``estimate``, ``laplace``, ``ensemble``).
 
 Conventions:
 

@@ -2,7 +2,8 @@
 
 ``build_template(images)`` follows the iterative scheme of ANTs' ``antsMultivariateTemplateConstruction2``, with
 each round's registrations run as one compiled program (``optimize.register_batch``: every subject against the
-current template through ``vmap``, one program per pyramid level):
+current template through ``vmap``, one program per pyramid level, the subjects split over the devices when there
+are several):
 
 1. The grid: the initial template's, or one of ``resolution`` mm around the first image's foreground. Every image
    is intensity-normalised and placed on it by its centre of mass (a translation in world space).
@@ -179,6 +180,30 @@ def _ncc(a, b, mask):
     return (a * b).sum() / jnp.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
 
 
+def _register_all(template, stack, options, spacing, batched: bool, field: str, initial=None) -> np.ndarray:
+    """Every subject of ``stack`` ``(N, *S)`` registered to ``template`` ``(*S)``; ``field`` of each result
+    (``"matrix"`` or ``"disp"``) stacked, ``(N, ...)``. ``initial``: ``(N, *S, nd)`` starting fields."""
+    if batched:
+        fixed = _spread(np.broadcast_to(template, stack.shape))
+        init = None if initial is None else _spread(initial)
+        res = optimize.register_batch(fixed, _spread(stack), options=options, initial_disp=init, spacing=spacing)
+        return np.asarray(getattr(res, field))
+    return np.stack([np.asarray(getattr(optimize.register(template, s, options=options, spacing=spacing,
+                                                          initial_disp=None if initial is None else initial[i]),
+                                        field)) for i, s in enumerate(stack)])
+
+
+def _spread(x):
+    """``x`` (leading axis: the subjects) split over every device JAX sees when there are several and they divide
+    the subjects evenly (each device then registers its share of the batch: the compiled program follows the data's
+    sharding); else as it is."""
+    devices = jax.devices()
+    if len(devices) < 2 or x.shape[0] % len(devices):
+        return jnp.asarray(x)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("subjects",))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("subjects")))
+
+
 def _mean_field_removed(fields):
     """``u_i ∘ (id + ū)^-1`` for every field: the fields' mean displacement becomes (about) zero."""
     inv = transforms.invert_disp(fields.mean(0))
@@ -190,7 +215,7 @@ _mean_field_removed_jit = jax.jit(_mean_field_removed)
 
 def build_template(images: Sequence, *, initial=None, resolution: float | None = None, affine_rounds: int = 2,
                    deformable_rounds: int = 3, mode: str = "pairwise", affine_options=None, deformable_options=None,
-                   checkpoint: str | os.PathLike | None = None,
+                   batch: bool | None = None, checkpoint: str | os.PathLike | None = None,
                    progress: Callable[[str], object] | None = print) -> Template:
     """Build an unbiased template of ``images`` (module docstring); returns a ``Template``.
 
@@ -203,6 +228,9 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
       rounds ["pairwise"].
     affine_options, deformable_options: ``optimize.RegisterOptions`` of the two kinds of rounds [``AFFINE_OPTIONS``,
       ``DEFORMABLE_OPTIONS``].
+    batch: register a round's subjects as one ``register_batch`` program (True) or one ``register`` call each
+      (False) [None: batched on an accelerator, one by one on the CPU, where a round of 10 Mindboggle subjects at
+      2 mm took 65.5 s batched and 42.4 s one by one: the batch runs every level until its slowest pair stops].
     checkpoint: a folder for the state after every round; an unfinished build found there resumes [None].
     progress: ``progress(message)`` after each round [print].
     """
@@ -264,6 +292,7 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
         return np.stack([np.asarray(optimize.pull(jnp.asarray(d), jnp.asarray(f), g))
                          for d, f, g in zip(data, flds, grids(mats))])
 
+    batched = jax.default_backend() != "cpu" if batch is None else bool(batch)
     if tpl is None:
         tpl = pulled(matrices, fields).mean(0)
     total = affine_rounds + deformable_rounds
@@ -271,11 +300,10 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
         t0 = time.perf_counter()
         affine_round = r < affine_rounds
         stack = pulled(matrices, np.zeros_like(fields))
-        fixed = np.broadcast_to(tpl, stack.shape)
         if affine_round:
-            res = optimize.register_batch(fixed, stack, options=a_opts, spacing=spacing)
+            found = _register_all(tpl, stack, a_opts, spacing, batched, "matrix")
             found = np.stack([transforms.matrix_about_centre_to_world(m, shape, t_aff, t_aff)
-                              for m in np.asarray(res.matrix, np.float64)])
+                              for m in np.asarray(found, np.float64)])
             matrices = np.einsum("nij,njk->nik", matrices, found)
             s_mean = _non_rigid_mean(matrices, nd)
             centre = t_aff @ np.r_[(np.asarray(shape) - 1) / 2, np.zeros(3 - nd), 1.0]
@@ -285,10 +313,9 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
             matrices = np.einsum("nij,jk->nik", matrices, shape_update)
         else:
             if mode == "joint":
-                flds = joint_register(stack, options=d_opts, initial=fields, spacing=spacing)
+                flds = joint_register(_spread(stack), options=d_opts, initial=_spread(fields), spacing=spacing)
             else:
-                flds = optimize.register_batch(fixed, stack, options=d_opts, initial_disp=fields,
-                                               spacing=spacing).disp
+                flds = _register_all(tpl, stack, d_opts, spacing, batched, "disp", initial=fields)
             fields = np.asarray(_mean_field_removed_jit(jnp.asarray(flds)), np.float32)
         warped = pulled(matrices, fields)
         tpl = warped.mean(0)

@@ -11,7 +11,10 @@ registrations again, one ``optimize.register`` call per subject, for the batched
 subjects' labels fused in template space (majority vote) and carried to every ``--targets`` subject by one
 ``default`` registration (target fixed, template moving); (4) with ``--direct``: each subject registered to each
 target directly (``default``) and the warped labels fused by majority vote (multi-atlas), plus the mean single-atlas
-Dice. Dice over the manual regions (all, cortex, subcortex) as ``bench_real.score``. Raw results go to ``--out``.
+Dice; (5) with ``--ants N`` (run with a Python that has antspyx): ANTsPy's ``build_template`` (N SyN iterations) of
+the same images, its seconds and its sharpness after registering every subject to it by SyN, and with
+``--syn-sharpness`` the jaxreg template's sharpness measured the same way. Dice over the manual regions (all,
+cortex, subcortex) as ``bench_real.score``. Raw results go to ``--out``.
 """
 from __future__ import annotations
 
@@ -37,29 +40,43 @@ def _ids(spec: str) -> list[int]:
     return out
 
 
+def syn_sharpness(template, images) -> float:
+    """Mean NCC over ``template``'s foreground (``groupwise``'s sharpness) of the ANTs ``images`` registered to the
+    ANTs image ``template`` by SyN."""
+    import ants
+    import jax.numpy as jnp
+
+    from jaxreg import groupwise, optimize
+
+    data = jnp.asarray(template.numpy(), jnp.float32)
+    fg = jnp.asarray(optimize._foreground(np.asarray(data)), jnp.float32)
+    ncc = []
+    for im in images:
+        warped = ants.registration(fixed=template, moving=im, type_of_transform="SyN")["warpedmovout"].numpy()
+        ncc.append(float(groupwise._ncc(jnp.asarray(warped, jnp.float32), data, fg)))
+    return float(np.mean(ncc))
+
+
+def _ants_subjects(vols: dict, subjects: list) -> list:
+    from jaxreg.data import io, preprocess
+
+    return [bench_real._ants_image(io.Volume(preprocess.normalize(np.asarray(vols[s][0].data, np.float32)),
+                                             vols[s][0].affine)) for s in subjects]
+
+
 def ants_template(vols: dict, subjects: list, iterations: int) -> dict:
     """ANTsPy's ``build_template`` (SyN, its defaults: the first image's grid, gradient step 0.2, no-rigid affine
     average) of the normalised subjects; its seconds, and the mean NCC over the template's foreground of each subject
     registered to it by SyN (``groupwise``'s sharpness)."""
     import ants
-    import jax.numpy as jnp
 
-    from jaxreg import groupwise, optimize
-    from jaxreg.data import io, preprocess
-
-    images = [bench_real._ants_image(io.Volume(preprocess.normalize(np.asarray(vols[s][0].data, np.float32)),
-                                               vols[s][0].affine)) for s in subjects]
+    images = _ants_subjects(vols, subjects)
     t = time.perf_counter()
     tpl = ants.build_template(image_list=images, iterations=iterations, type_of_transform="SyN")
     seconds = time.perf_counter() - t
     data = tpl.numpy()
-    fg = jnp.asarray(optimize._foreground(data), jnp.float32)
-    ncc = []
-    for im in images:
-        warped = ants.registration(fixed=tpl, moving=im, type_of_transform="SyN")["warpedmovout"].numpy()
-        ncc.append(float(groupwise._ncc(jnp.asarray(warped, jnp.float32), jnp.asarray(data, jnp.float32), fg)))
-    out = {"iterations": iterations, "seconds": seconds, "sharpness": float(np.mean(ncc)), "shape": list(data.shape),
-           "version": getattr(ants, "__version__", "?")}
+    out = {"iterations": iterations, "seconds": seconds, "sharpness": syn_sharpness(tpl, images),
+           "shape": list(data.shape), "version": getattr(ants, "__version__", "?")}
     print(f"ANTsPy build_template ({iterations} SyN iterations) {data.shape}: {seconds:.0f} s, sharpness "
           f"{out['sharpness']:.4f}", flush=True)
     return out
@@ -80,6 +97,9 @@ def main(argv=None) -> int:
                     help="also ANTsPy's ants.build_template (N iterations of SyN, its defaults) on the same images, "
                          "and its sharpness after registering each subject to it (SyN) [0: skip]")
     ap.add_argument("--skip-jaxreg", action="store_true", help="only the ANTs template (with --ants)")
+    ap.add_argument("--syn-sharpness", action="store_true",
+                    help="also the jaxreg template's sharpness with every subject registered to it by ANTsPy SyN (as "
+                         "--ants measures its own template)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(args.data, "mindboggle20")):
@@ -119,6 +139,10 @@ def main(argv=None) -> int:
     print(f"template {tpl.template.shape} of {len(subjects)} subjects in {record['build_seconds']:.0f} s; "
           f"sharpness per round {[round(v, 4) for v in tpl.sharpness]}", flush=True)
     save()
+    if args.syn_sharpness:
+        record["syn_sharpness"] = syn_sharpness(bench_real._ants_image(tpl.template), _ants_subjects(vols, subjects))
+        print(f"sharpness with SyN registrations to the jaxreg template: {record['syn_sharpness']:.4f}", flush=True)
+        save()
 
     if not args.no_sequential and args.rounds:
         # the last round's registrations again: batched (compiled already) and one by one (compiled once first)

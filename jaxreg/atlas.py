@@ -12,8 +12,8 @@ that register any pair of images through that space.
   ``params.msgpack`` (Flax serialisation), ``template.nii.gz`` (its grid, uint8), ``README.md`` (data card).
 * ``Model.register(fixed, moving, refine=N)``: both images affinely aligned to the template, the network's field
   on the template grid (a pairwise model: one pass on the pair; an atlas model, trained with the template fixed:
-  one pass per image, ``phi_M ∘ phi_F^-1``), optionally refined by ``N`` iterations of the classical engine from
-  it, then the whole map
+  one pass per image, ``phi_M ∘ phi_F^-1``), optionally refined by the classical engine from it (``N``
+  iterations at half resolution, then ``N // 2`` at full resolution), then the whole map
   carried back to the fixed image's own grid as a ``world.Registration`` (native space, the moving image on its own
   grid, interpolated once), like the classical result:
 
@@ -41,16 +41,26 @@ from jaxreg.data import io, preprocess, subjects
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 MODEL_FILE, PARAMS_FILE, CARD_FILE = "model.json", "params.msgpack", "README.md"
 FORMAT = 1
-#: the classical preset whose metric and regulariser refine a network's field (``refine``)
+#: the classical preset whose metric and regulariser refine a network's field (``refine``), and the pyramid levels
+#: of the refinement (``optimize.instance_options``): on 4 held-out Mindboggle pairs (2 mm) 40 iterations at half
+#: resolution + 20 at full gave 0.586 Dice in 3.1 s against 0.584 in 5.9 s for 50 at full resolution
 REFINE_PRESET = "default"
+REFINE_LEVELS = (2, 1)
+#: the affine alignment of a model's inputs to its template: 60 iterations at quarter resolution (on the same pairs
+#: 0.6 s per image and 0.588 Dice after refinement, against 1.5 s and 0.586 with the learning sets' ``affine`` preset)
+ALIGN_OPTIONS = dataclasses.replace(optimize.PRESETS["affine"], affine_levels=(4,), affine_iterations=(60,))
 #: how many images' affine alignments a loaded model remembers
 ALIGN_CACHE = 8
 
 
-def align(template: io.Volume, image, *, preset: str = "affine", mask=None) -> np.ndarray:
+def align(template: io.Volume, image, *, preset: str = "affine", options=None, mask=None) -> np.ndarray:
     """``(4, 4)`` RAS map from template world points to ``image``'s world points (pull), by jaxreg's engine with
-    ``preset`` (the template the fixed image, masked by ``mask`` when given)."""
-    reg = world.register_images(template, image, preset=preset, fixed_mask=mask)
+    ``preset`` or ``options`` (a ``RegisterOptions``; the template the fixed image, masked by ``mask`` when
+    given)."""
+    if options is None:
+        reg = world.register_images(template, image, preset=preset, fixed_mask=mask)
+    else:
+        reg = world.register_images(template, image, options=options, fixed_mask=mask)
     return reg.world_matrix
 
 
@@ -266,7 +276,7 @@ class Model:
     def register(self, fixed, moving, *, refine: int = 0, moving_labels=None, progress=None) -> world.Registration:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, ``io.Volume`` or arrays) through the model
         (module docstring); ``refine``: iterations of the classical engine (``REFINE_PRESET``'s similarity and
-        regulariser) from the network's field. Returns a ``world.Registration`` on the fixed image's grid whose
+        regulariser) from the network's field: ``refine`` at half resolution, then ``refine // 2`` at full. Returns a ``world.Registration`` on the fixed image's grid whose
         ``seconds`` split ``align``, ``network``, ``refine`` and ``map_back``."""
         return register_with_model(self, fixed, moving, refine=refine, moving_labels=moving_labels,
                                    progress=progress)
@@ -348,7 +358,7 @@ def register_with_model(model: Model, fixed, moving, *, refine: int = 0, moving_
     options = optimize.PRESETS["affine"]
     if refine:
         t = time.perf_counter()
-        options = optimize.instance_options(refine, REFINE_PRESET)
+        options = optimize.instance_options(refine, REFINE_PRESET, levels=REFINE_LEVELS)
         u = jax.block_until_ready(optimize.register(f_t, m_t, options=options, initial_disp=u,
                                                     spacing=tpl.spacing, progress=progress).disp)
         seconds["refine"] = time.perf_counter() - t
@@ -368,7 +378,7 @@ def _aligned(model: Model, vol: io.Volume, mask) -> np.ndarray:
     if key not in model.aligned:
         while len(model.aligned) >= ALIGN_CACHE:
             model.aligned.pop(next(iter(model.aligned)))
-        model.aligned[key] = align(model.template, vol, mask=mask)
+        model.aligned[key] = align(model.template, vol, options=ALIGN_OPTIONS, mask=mask)
     return model.aligned[key]
 
 

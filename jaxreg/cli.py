@@ -252,8 +252,8 @@ def _register_options(r):
                         "('jaxreg models') or a model folder; both images are affinely aligned to its template, the "
                         "network's field is carried back to FIXED's grid (the engine options above are not used)")
     r.add_argument("--refine", type=int, default=0, metavar="N",
-                   help="with --model: N iterations of the engine (the default preset's similarity and "
-                        "regulariser) from the network's field, on the template grid")
+                   help="with --model: refine the network's field by the engine (the default preset's similarity "
+                        "and regulariser) on the template grid: N iterations at half resolution, then N/2 at full")
 
 
 def _metric_name(metric):

@@ -313,7 +313,7 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
             matrices = np.einsum("nij,jk->nik", matrices, shape_update)
         else:
             if mode == "joint":
-                flds = joint_register(_spread(stack), options=d_opts, initial=_spread(fields), spacing=spacing)
+                flds = joint_register(_spread(stack), options=d_opts, initial=_spread(fields))
             else:
                 flds = _register_all(tpl, stack, d_opts, spacing, batched, "disp", initial=fields)
             fields = np.asarray(_mean_field_removed_jit(jnp.asarray(flds)), np.float32)
@@ -334,14 +334,15 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
                     np.asarray(fields, np.float32), tuple(sharp), tuple(secs))
 
 
-def joint_register(images, *, options=None, initial=None, spacing=None) -> np.ndarray:
+def joint_register(images, *, options=None, initial=None) -> np.ndarray:
     """Group-wise registration of ``images`` ``(N, *S)`` (on one grid) to their own evolving mean.
 
     Minimises ``sum_i sim(mean_j I_j∘φ_j, I_i∘φ_i) + reg_weight * sum_i R(u_i)`` over all fields at once (one
     compiled optax loop per pyramid level of ``options.levels``), projecting the fields onto ``mean_i u_i = 0``
     after every step. ``options``: an ``optimize.RegisterOptions`` whose metric, metric_options, regularizer,
     reg_weight, learning_rate, levels and iterations are used [``DEFORMABLE_OPTIONS``]; ``initial``: ``(N, *S, nd)``
-    starting fields (voxels) [zeros]. Returns the fields ``(N, *S, nd)`` float32 (template-grid voxels, pull).
+    starting fields (voxels) [zeros]. The fields are updated additively (dense displacements, whatever
+    ``options.deformable``). Returns the fields ``(N, *S, nd)`` float32 (template-grid voxels, pull).
     """
     opts = DEFORMABLE_OPTIONS if options is None else options
     images = jnp.asarray(images, jnp.float32)
@@ -358,7 +359,6 @@ def joint_register(images, *, options=None, initial=None, spacing=None) -> np.nd
         u = _joint_level(lvl_images, u, int(it), opts.metric, tuple(sorted((opts.metric_options or {}).items())),
                          opts.regularizer, float(opts.reg_weight), float(opts.learning_rate))
         fields = jax.vmap(lambda f: spatial.resize_disp(f, shape))(u)
-    del spacing
     return np.asarray(fields, np.float32)
 
 

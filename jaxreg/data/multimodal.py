@@ -1,0 +1,181 @@
+"""Real multimodal registration cases and how to score a registration of them.
+
+* ``prostate_cases(folder)``: MR (moving) ↔ transrectal ultrasound (fixed) pairs of ``prostate_mr_trus``
+  (``moving_images/``, ``fixed_images/`` and 4-D ``*_labels/`` with 3 channels: the gland mask and two landmark
+  blobs). The two images of a case share no world frame (both grids start at the same corner): register them with a
+  centre-of-mass start (the engine's default). Scored by the gland's Dice and the landmarks' target registration
+  error (distance between the mapped fixed blob centroid and the moving one, mm).
+* ``open_ms_case(folder, patient)``: two co-registered contrasts of one ``open_ms`` patient (e.g. T1 fixed, T2 or
+  FLAIR moving), the moving one pulled through a known random affine + smooth deformation: the exact answer is
+  known everywhere (end-point error in mm) and the lesion mask gives a Dice.
+
+``score(case, reg)`` measures a ``world.Registration`` of a case (fixed = ``case.fixed``, moving = ``case.moving``).
+Nothing here needs the data to import; the loaders name the missing file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from jaxreg.data import io, preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One multimodal pair with what scores it.
+
+    name: e.g. ``"prostate_000007"`` or ``"open_ms_patient07_T2"``.
+    fixed, moving: ``io.Volume`` images, each on its own grid.
+    masks: ``{name: (fixed mask Volume, moving mask Volume)}`` (uint8 0/1; e.g. ``"gland"``, ``"lesions"``).
+    landmarks: ``(K, 2, 3)`` RAS mm: landmark ``k``'s world position in the fixed ``[k, 0]`` and moving ``[k, 1]``
+      image, or None.
+    true_disp: ``(*S_fixed, 3)`` RAS mm, the exact map ``T(p) - p`` (fixed world -> moving world), or None.
+    """
+
+    name: str
+    fixed: io.Volume
+    moving: io.Volume
+    masks: dict
+    landmarks: np.ndarray | None = None
+    true_disp: np.ndarray | None = None
+
+
+def _need(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (the data set's README says what the folder holds)")
+    return path
+
+
+def _centroid_world(vol: io.Volume, channel: np.ndarray) -> np.ndarray:
+    """RAS mm centroid of a blob (weights ``channel``, ``(*S)``) of a volume's grid."""
+    w = np.asarray(channel, np.float64)
+    if w.sum() <= 0:
+        raise ValueError("an empty landmark blob")
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in w.shape], indexing="ij"), -1)
+    c = (idx * w[..., None]).reshape(-1, w.ndim).sum(0) / w.sum()
+    return (vol.affine @ np.r_[c, 1.0])[:3]
+
+
+def prostate_cases(folder, *, cases=None) -> list[Case]:
+    """The MR ↔ TRUS cases of ``folder`` (``prostate_mr_trus``), sorted by name; ``cases``: their numbers (e.g.
+    ``range(10)``) [all]. Fixed: TRUS; moving: MR; masks ``{"gland": ...}``; two landmarks each."""
+    folder = os.fspath(folder)
+    names = sorted(f for f in os.listdir(_need(os.path.join(folder, "fixed_images"))) if f.endswith(".nii.gz"))
+    if cases is not None:
+        wanted = {f"case{int(c):06d}.nii.gz" for c in cases}
+        names = [n for n in names if n in wanted]
+    out = []
+    for n in names:
+        vols = {k: _need(os.path.join(folder, k, n)) for k in ("fixed_images", "moving_images", "fixed_labels",
+                                                                  "moving_labels")}
+        fixed, moving = io.load(vols["fixed_images"]), io.load(vols["moving_images"])
+        labs = {}
+        for side, image in (("fixed", fixed), ("moving", moving)):
+            import nibabel as nib
+
+            lab = np.asarray(nib.load(vols[f"{side}_labels"]).dataobj, np.float32)  # (X, Y, Z, 3): not a vector image
+            if lab.shape != (*image.shape, 3):
+                raise ValueError(f"{vols[side + '_labels']}: expected 3 channels (gland, two landmarks) on its "
+                                 f"image's grid {image.shape}, got {lab.shape}")
+            labs[side] = lab
+        gland = tuple(io.Volume((labs[s][..., 0] > 0.5).astype(np.uint8), v.affine)
+                      for s, v in (("fixed", fixed), ("moving", moving)))
+        marks = np.stack([[_centroid_world(fixed, labs["fixed"][..., k]), _centroid_world(moving, labs["moving"][..., k])]
+                          for k in (1, 2)])
+        out.append(Case(f"prostate_{n[4:10]}", fixed, moving, {"gland": gland}, marks))
+    return out
+
+
+def smooth_motion(shape, spacing, *, seed: int = 0, rotation_deg: float = 8.0, shift_mm: float = 6.0,
+                  scale: float = 0.05, deform_mm: float = 3.0, sigma_mm: float = 20.0) -> np.ndarray:
+    """A random affine (rotations up to ``rotation_deg``, translations up to ``shift_mm``, scales within
+    ``1 ± scale``, about the grid centre) plus a smooth deformation (Gaussian-filtered noise of sigma ``sigma_mm``,
+    scaled to a maximum of ``deform_mm``): ``(*shape, 3)`` voxel displacement on a grid of ``spacing`` mm (pull)."""
+    rng = np.random.default_rng(seed)
+    nd = len(shape)
+    spacing = np.asarray(spacing, np.float64)
+    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
+    rot = np.eye(3)
+    for axis, a in enumerate(angles):
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i] = r[j, j] = np.cos(a)
+        r[i, j], r[j, i] = -np.sin(a), np.sin(a)
+        rot = r @ rot
+    lin = rot @ np.diag(rng.uniform(1 - scale, 1 + scale, 3))
+    shift = rng.uniform(-shift_mm, shift_mm, 3)
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1) * spacing
+    c = (np.asarray(shape, np.float64) - 1) / 2 * spacing
+    moved = (x - c) @ lin.T + c + shift
+    noise = rng.standard_normal((*shape, nd))
+    field = np.stack([ndimage.gaussian_filter(noise[..., d], sigma_mm / spacing) for d in range(nd)], -1)
+    field *= deform_mm / max(np.abs(field).max(), 1e-12)
+    return ((moved + field - x) / spacing).astype(np.float32)
+
+
+def open_ms_case(folder, patient: str, *, fixed: str = "T1", moving: str = "T2", seed: int = 0,
+                 resolution: float | None = None, **motion) -> Case:
+    """Patient ``patient`` (e.g. ``"patient07"``) of ``folder`` (``open_ms``): ``fixed`` contrast as stored, the
+    ``moving`` contrast pulled through ``smooth_motion(seed, **motion)`` (so ``moving(T(p)) = original(p)`` with the
+    exact ``true_disp``); masks ``{"lesions": ...}``. ``resolution``: resample both to this many mm first [None]."""
+    base = os.path.join(os.fspath(folder), "cross_sectional", patient)
+    f = io.load(_need(os.path.join(base, f"{fixed}.nii.gz")))
+    m = io.load(_need(os.path.join(base, f"{moving}.nii.gz")))
+    les = io.load_labels(_need(os.path.join(base, "lesions.nii.gz")))
+    if resolution:
+        factor = float(resolution) / np.asarray(f.spacing, np.float64)
+        shape = tuple(int(np.ceil(n / s)) for n, s in zip(f.shape, factor))
+        aff = f.affine.copy()
+        aff[:3, :3] = f.affine[:3, :3] * factor
+        f = preprocess.resample_to(f, shape, aff)
+        m = preprocess.resample_to(m, shape, aff)
+        les = preprocess.resample_to(les, shape, aff, order=0)
+    if m.shape != f.shape or les.shape != f.shape:
+        raise ValueError(f"{base}: {moving} {m.shape} and lesions {les.shape} must share {fixed}'s grid {f.shape}")
+    u = smooth_motion(f.shape, f.spacing, seed=seed, **motion)
+    # the moved contrast: new(y) = original(T^-1(y)) on the same grid, i.e. original pulled through the inverse map
+    from jaxreg import transforms
+
+    inv = np.asarray(transforms.invert_disp(u, iterations=50), np.float32)
+    pts = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in f.shape], indexing="ij"), -1) + inv
+    moved = ndimage.map_coordinates(np.asarray(m.data, np.float32), np.moveaxis(pts, -1, 0), order=1, cval=0.0)
+    moved_les = ndimage.map_coordinates(np.asarray(les.data, np.float32), np.moveaxis(pts, -1, 0), order=0)
+    lin = f.affine[:3, :3]
+    true_mm = np.einsum("ij,...j->...i", lin, u).astype(np.float32)
+    masks = {"lesions": (io.Volume((np.asarray(les.data) > 0).astype(np.uint8), f.affine),
+                         io.Volume((moved_les > 0).astype(np.uint8), f.affine))}
+    return Case(f"open_ms_{patient}_{moving}", f, io.Volume(moved.astype(np.float32), f.affine), masks, None, true_mm)
+
+
+def score(case: Case, reg) -> dict:
+    """Accuracy of ``reg`` (a ``world.Registration`` with ``case.fixed`` fixed and ``case.moving`` moving):
+    ``dice_<mask>`` for every mask (the moving mask pulled onto the fixed grid, nearest), ``tre_mm`` (mean landmark
+    error: ``|T(p_fixed) - p_moving|``) when the case has landmarks, ``epe_mm`` (mean ``|T(p) - T_true(p)|`` over the
+    fixed image's foreground: normalised intensity > 0.1) when it has the exact answer; ``*_before_mm`` the same
+    for the identity map."""
+    out = {}
+    for name, (fm, mm) in case.masks.items():
+        warped = np.asarray(reg.apply(mm, labels=True).data) > 0
+        f = np.asarray(fm.data) > 0
+        denom = f.sum() + warped.sum()
+        out[f"dice_{name}"] = float(2 * (f & warped).sum() / denom) if denom else None
+    disp_mm = np.asarray(reg.displacement_field, np.float64)
+    if case.landmarks is not None:
+        inv = np.linalg.inv(case.fixed.affine)
+        errors = []
+        for p_f, p_m in case.landmarks:
+            v = (inv @ np.r_[p_f, 1.0])[:3]
+            d = np.array([ndimage.map_coordinates(disp_mm[..., k], v[:, None], order=1, mode="nearest")[0]
+                          for k in range(3)])
+            errors.append(float(np.linalg.norm(p_f + d - p_m)))
+        out["tre_mm"] = float(np.mean(errors))
+        out["tre_before_mm"] = float(np.mean([np.linalg.norm(p_f - p_m) for p_f, p_m in case.landmarks]))
+    if case.true_disp is not None:
+        fg = preprocess.normalize(np.asarray(case.fixed.data, np.float32)) > 0.1
+        err = np.linalg.norm(disp_mm - case.true_disp, axis=-1)
+        out["epe_mm"] = float(err[fg].mean())
+        out["epe_before_mm"] = float(np.linalg.norm(case.true_disp, axis=-1)[fg].mean())
+    return out

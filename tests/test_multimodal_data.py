@@ -1,0 +1,72 @@
+"""Real multimodal cases (jaxreg.data.multimodal): the scoring on a case whose answer is known by construction (no
+data needed), and the loaders of ../shared/data (skipped cleanly when it is absent)."""
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxreg import world
+from jaxreg.data import io, multimodal
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def _registration(case, disp_mm):
+    """A ``world.Registration`` of ``case`` whose whole map is ``disp_mm`` (RAS mm on the fixed grid)."""
+    vox = np.einsum("ij,...j->...i", np.linalg.inv(case.fixed.affine[:3, :3]), disp_mm).astype(np.float32)
+    return world.Registration(case.fixed, case.moving, None, np.eye(4), vox)
+
+
+def test_the_true_motion_scores_perfectly_and_the_identity_does_not():
+    shape, spacing = (24, 28, 20), (2.0, 2.0, 2.0)
+    rng = np.random.default_rng(0)
+    original = ndimage.gaussian_filter(rng.standard_normal(shape), 2).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    u = multimodal.smooth_motion(shape, spacing, seed=3, deform_mm=2.0)
+    assert u.shape == (*shape, 3) and u.dtype == np.float32 and 1.0 < np.abs(u).max() * 2 < 40
+    blob = np.zeros(shape, np.uint8)
+    blob[8:16, 10:18, 6:14] = 1
+    true_mm = np.einsum("ij,...j->...i", affine[:3, :3], u)
+    # the moving mask: the fixed blob carried by the motion (moving(T(p)) = fixed(p))
+    from jaxreg import transforms
+
+    inv = np.asarray(transforms.invert_disp(u, iterations=50))
+    pts = np.moveaxis(np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) + inv, -1, 0)
+    moved_blob = ndimage.map_coordinates(blob.astype(np.float32), pts, order=0)
+    case = multimodal.Case("synthetic", io.Volume(original + 3, affine), io.Volume(original, affine),
+                           {"blob": (io.Volume(blob, affine), io.Volume((moved_blob > 0).astype(np.uint8), affine))},
+                           np.array([[[20.0, 24.0, 18.0], [20.0, 24.0, 18.0] + true_mm[10, 12, 9]]]), true_mm)
+    good = multimodal.score(case, _registration(case, true_mm))
+    assert good["epe_mm"] < 1e-4 and good["tre_mm"] < 1e-3 and good["dice_blob"] > 0.9
+    bad = multimodal.score(case, _registration(case, np.zeros_like(true_mm)))
+    assert bad["epe_mm"] == pytest.approx(bad["epe_before_mm"]) and bad["epe_mm"] > 1.0
+    assert bad["tre_mm"] == pytest.approx(np.linalg.norm(true_mm[10, 12, 9])) and bad["dice_blob"] < good["dice_blob"]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "prostate_mr_trus")), reason="no ../shared/data")
+def test_prostate_cases_load_with_gland_and_two_landmarks():
+    (case,) = multimodal.prostate_cases(os.path.join(DATA, "prostate_mr_trus"), cases=[3])
+    assert case.name == "prostate_000003" and case.landmarks.shape == (2, 2, 3)
+    fixed_gland, moving_gland = case.masks["gland"]
+    assert fixed_gland.shape == case.fixed.shape and moving_gland.shape == case.moving.shape
+    assert fixed_gland.data.sum() > 100 and moving_gland.data.sum() > 100 and np.isfinite(case.landmarks).all()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        multimodal.prostate_cases(os.path.join(DATA, "no_such_folder"))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "open_ms")), reason="no ../shared/data")
+def test_an_open_ms_case_is_its_contrast_moved_by_the_known_motion():
+    case = multimodal.open_ms_case(os.path.join(DATA, "open_ms"), "patient07", moving="FLAIR", resolution=4)
+    original = io.load(os.path.join(DATA, "open_ms", "cross_sectional", "patient07", "FLAIR.nii.gz"))
+    from jaxreg.data import preprocess
+
+    original = preprocess.resample_to(original, case.fixed.shape, case.fixed.affine).data
+    fg = preprocess.normalize(np.asarray(case.fixed.data)) > 0.1
+    # the moving contrast pulled through the true map is the original (up to two linear interpolations of 4 mm
+    # voxels: compared after a 1-voxel blur), and through the opposite map it is not
+    for sign, low, high in ((1, 0.98, 1.0), (-1, -1.0, 0.8)):
+        back = np.asarray(_registration(case, sign * case.true_disp).warped.data)
+        smooth = [ndimage.gaussian_filter(np.asarray(a, np.float64), 1.0)[fg] for a in (back, original)]
+        assert low < np.corrcoef(*smooth)[0, 1] < high
+    assert case.masks["lesions"][0].data.sum() > 0 and case.masks["lesions"][1].data.sum() > 0

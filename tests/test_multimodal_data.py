@@ -46,8 +46,9 @@ def test_the_true_motion_scores_perfectly_and_the_identity_does_not():
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "prostate_mr_trus")), reason="no ../shared/data")
 def test_prostate_cases_load_with_gland_and_two_landmarks():
-    (case,) = multimodal.prostate_cases(os.path.join(DATA, "prostate_mr_trus"), cases=[3])
-    assert case.name == "prostate_000003" and case.landmarks.shape == (2, 2, 3)
+    case, gland_only = multimodal.prostate_cases(os.path.join(DATA, "prostate_mr_trus"), cases=[0, 2])
+    assert case.name == "prostate_000000" and case.landmarks.shape == (2, 2, 3)
+    assert gland_only.landmarks is None and gland_only.masks["gland"][0].data.sum() > 100  # its files hold the gland
     fixed_gland, moving_gland = case.masks["gland"]
     assert fixed_gland.shape == case.fixed.shape and moving_gland.shape == case.moving.shape
     assert fixed_gland.data.sum() > 100 and moving_gland.data.sum() > 100 and np.isfinite(case.landmarks).all()

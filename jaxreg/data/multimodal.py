@@ -1,8 +1,8 @@
 """Real multimodal registration cases and how to score a registration of them.
 
 * ``prostate_cases(folder)``: MR (moving) ↔ transrectal ultrasound (fixed) pairs of ``prostate_mr_trus``
-  (``moving_images/``, ``fixed_images/`` and 4-D ``*_labels/`` with 3 channels: the gland mask and two landmark
-  blobs). The two images of a case share no world frame (both grids start at the same corner): register them with a
+  (``moving_images/``, ``fixed_images/`` and ``*_labels/``: the gland mask, then 0–2 landmark blobs as further
+  channels). The two images of a case share no world frame (both grids start at the same corner): register them with a
   centre-of-mass start (the engine's default). Scored by the gland's Dice and the landmarks' target registration
   error (distance between the mapped fixed blob centroid and the moving one, mm).
 * ``open_ms_case(folder, patient)``: two co-registered contrasts of one ``open_ms`` patient (e.g. T1 fixed, T2 or
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -61,7 +62,8 @@ def _centroid_world(vol: io.Volume, channel: np.ndarray) -> np.ndarray:
 
 def prostate_cases(folder, *, cases=None) -> list[Case]:
     """The MR ↔ TRUS cases of ``folder`` (``prostate_mr_trus``), sorted by name; ``cases``: their numbers (e.g.
-    ``range(10)``) [all]. Fixed: TRUS; moving: MR; masks ``{"gland": ...}``; two landmarks each."""
+    ``range(10)``) [all]. Fixed: TRUS; moving: MR; masks ``{"gland": ...}``; the landmarks their label files hold
+    (cases with the gland only: None)."""
     folder = os.fspath(folder)
     names = sorted(f for f in os.listdir(_need(os.path.join(folder, "fixed_images"))) if f.endswith(".nii.gz"))
     if cases is not None:
@@ -74,17 +76,19 @@ def prostate_cases(folder, *, cases=None) -> list[Case]:
         fixed, moving = io.load(vols["fixed_images"]), io.load(vols["moving_images"])
         labs = {}
         for side, image in (("fixed", fixed), ("moving", moving)):
-            import nibabel as nib
-
-            lab = np.asarray(nib.load(vols[f"{side}_labels"]).dataobj, np.float32)  # (X, Y, Z, 3): not a vector image
-            if lab.shape != (*image.shape, 3):
-                raise ValueError(f"{vols[side + '_labels']}: expected 3 channels (gland, two landmarks) on its "
-                                 f"image's grid {image.shape}, got {lab.shape}")
+            lab = np.asarray(nib.load(vols[f"{side}_labels"]).dataobj, np.float32)  # (X, Y, Z[, C]), not a vector
+            lab = lab[..., None] if lab.ndim == 3 else lab
+            if lab.shape[:3] != image.shape:
+                raise ValueError(f"{vols[side + '_labels']}: labels of shape {lab.shape} are not on their image's grid "
+                                 f"{image.shape}")
             labs[side] = lab
+        if labs["fixed"].shape[-1] != labs["moving"].shape[-1]:
+            raise ValueError(f"{n}: the fixed and moving label files hold different numbers of channels "
+                             f"({labs['fixed'].shape[-1]} and {labs['moving'].shape[-1]})")
         gland = tuple(io.Volume((labs[s][..., 0] > 0.5).astype(np.uint8), v.affine)
                       for s, v in (("fixed", fixed), ("moving", moving)))
         marks = np.stack([[_centroid_world(fixed, labs["fixed"][..., k]), _centroid_world(moving, labs["moving"][..., k])]
-                          for k in (1, 2)])
+                          for k in range(1, labs["fixed"].shape[-1])]) if labs["fixed"].shape[-1] > 1 else None
         out.append(Case(f"prostate_{n[4:10]}", fixed, moving, {"gland": gland}, marks))
     return out
 

@@ -124,7 +124,7 @@ def test_2d_images_save_every_file(tmp_path):
     reg2 = world.register_images(io.Volume(p["fixed"], affine), io.Volume(p["moving"], affine), preset="fast",
                                  moving_labels=io.Volume(p["moving_labels"].astype(np.int32), affine))
     files = reg2.save(tmp_path, inverse=True, l2r=("0001", "0002"))
-    assert set(files.values()) == set(world.FILES) - {"report.json"} | {"disp_0001_0002.nii.gz"}
+    assert set(files.values()) == set(world.FILES) - {"report.json", "uncertainty.nii.gz"} | {"disp_0001_0002.nii.gz"}
     w, _ = itk.read_displacement(tmp_path / "1Warp.nii.gz")
     assert w.shape == (32, 32, 1, 3)
     assert _dice(p["fixed_labels"], reg2.warped_labels.data) > _dice(p["fixed_labels"], p["moving_labels"])

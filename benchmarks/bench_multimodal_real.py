@@ -125,7 +125,8 @@ def main(argv=None) -> int:
             shown = {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}
             print(f"  {method:>10}: {row.get('error') or shown}", flush=True)
             save()
-    lines = ["| cases | method | n | gland / lesion Dice | TRE mm | EPE mm | s/case |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| cases | method | n | gland / lesion Dice | TRE mm | EPE mm | s/case |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for kind in ("prostate", "open_ms"):
         for method in methods:
             rows = [r for r in record["rows"] if r["case"].startswith(kind) and r["method"] == method

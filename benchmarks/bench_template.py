@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         record["rows"] = rows
         save()
 
-    lines = ["| method | targets | Dice mean | cortex | subcortex | s/target |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | targets | Dice mean | cortex | subcortex | s/target |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
         vals = {k: np.mean([r[k] for r in sel]) for k in ("dice_mean", "dice_cortex", "dice_subcortex", "seconds")}

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
                 row["maps"][m] = {"error": f"{type(exc).__name__}: {exc}"}
             s = row["maps"][m]
             print(f"  {m:>9}: " + (f"FAILED {s['error']}" if s.get("error") else
-                                   f"AUC {s['auc']:.3f} (band {s['auc_band']:.3f}), Spearman {s['spearman']:.3f}, sd wrong {s['mean_wrong']:.3f} "
+                                   f"AUC {s['auc']:.3f} (band {s['auc_band']:.3f}), Spearman {s['spearman']:.3f}, "
+                                   f"sd wrong {s['mean_wrong']:.3f} "
                                    f"/ right {s['mean_right']:.3f} mm, {s['seconds']:.1f} s"), flush=True)
         b = row["maps"]["boundary"]
         print(f"   boundary: AUC {b['auc']:.3f} (band {b['auc_band']:.3f}), Spearman {b['spearman']:.3f}", flush=True)

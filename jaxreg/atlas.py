@@ -276,8 +276,9 @@ class Model:
     def register(self, fixed, moving, *, refine: int = 0, moving_labels=None, progress=None) -> world.Registration:
         """Register ``moving`` onto ``fixed`` (paths, nibabel images, ``io.Volume`` or arrays) through the model
         (module docstring); ``refine``: iterations of the classical engine (``REFINE_PRESET``'s similarity and
-        regulariser) from the network's field: ``refine`` at half resolution, then ``refine // 2`` at full. Returns a ``world.Registration`` on the fixed image's grid whose
-        ``seconds`` split ``align``, ``network``, ``refine`` and ``map_back``."""
+        regulariser) from the network's field: ``refine`` at half resolution, then ``refine // 2`` at full. Returns
+        a ``world.Registration`` on the fixed image's grid whose ``seconds`` split ``align``, ``network``,
+        ``refine`` and ``map_back``."""
         return register_with_model(self, fixed, moving, refine=refine, moving_labels=moving_labels,
                                    progress=progress)
 

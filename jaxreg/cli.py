@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("template", help="build an unbiased template of IMAGES (group-wise)", formatter_class=fmt,
                        description="Build an unbiased template of IMAGES (jaxreg.groupwise.build_template): affine "
-                                   "then deformable rounds, each round's registrations as one compiled batch. "
+                                   "then deformable rounds (each round's registrations one compiled batch on an "
+                                   "accelerator, one after another on the CPU). "
                                    "Writes OUTDIR/template.nii.gz, template.json (subjects, world matrices, sharpness "
                                    "per round), NAME_disp.nii.gz per subject and, with --labels, labels.nii.gz "
                                    "(majority vote in template space). OUTDIR/state.npz keeps the state after every "

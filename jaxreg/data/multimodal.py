@@ -87,8 +87,11 @@ def prostate_cases(folder, *, cases=None) -> list[Case]:
                              f"({labs['fixed'].shape[-1]} and {labs['moving'].shape[-1]})")
         gland = tuple(io.Volume((labs[s][..., 0] > 0.5).astype(np.uint8), v.affine)
                       for s, v in (("fixed", fixed), ("moving", moving)))
-        marks = np.stack([[_centroid_world(fixed, labs["fixed"][..., k]), _centroid_world(moving, labs["moving"][..., k])]
-                          for k in range(1, labs["fixed"].shape[-1])]) if labs["fixed"].shape[-1] > 1 else None
+        marks = None
+        if labs["fixed"].shape[-1] > 1:
+            marks = np.stack([[_centroid_world(fixed, labs["fixed"][..., k]),
+                               _centroid_world(moving, labs["moving"][..., k])]
+                              for k in range(1, labs["fixed"].shape[-1])])
         out.append(Case(f"prostate_{n[4:10]}", fixed, moving, {"gland": gland}, marks))
     return out
 

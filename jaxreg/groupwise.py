@@ -1,9 +1,9 @@
 """Group-wise registration: unbiased template building and label propagation through a template.
 
-``build_template(images)`` follows the iterative scheme of ANTs' ``antsMultivariateTemplateConstruction2``, with
-each round's registrations run as one compiled program (``optimize.register_batch``: every subject against the
-current template through ``vmap``, one program per pyramid level, the subjects split over the devices when there
-are several):
+``build_template(images)`` follows the iterative scheme of ANTs' ``antsMultivariateTemplateConstruction2``. On an
+accelerator each round's registrations run as one compiled program (``optimize.register_batch``: every subject
+against the current template through ``vmap``, one program per pyramid level, the subjects split over the devices
+when there are several); on the CPU, where that was slower, one compiled ``register`` call per subject (``batch``):
 
 1. The grid: the initial template's, or one of ``resolution`` mm around the first image's foreground. Every image
    is intensity-normalised and placed on it by its centre of mass (a translation in world space).

@@ -74,9 +74,11 @@ def test_laplace_is_the_prior_where_flat_and_scales_with_temperature_and_spacing
     """Where the images are flat only the regulariser curves ``E``: diffusion's diagonal is ``2 w`` per neighbour
     (``4 ndim w`` inside), so the sd is ``sqrt(ndim / (4 ndim w))`` voxels; ``temperature`` scales the variance, the
     voxel size the mm; ``estimate`` is the same call."""
-    sd = maps["laplace"]
+    sd = uncertainty.laplace(reg, noise="none")
     expected = np.sqrt(2 / (4 * 2 * OPTIONS.reg_weight))
     assert abs(np.median(sd[FLAT]) - expected) < 0.1 * expected
+    np.testing.assert_allclose(uncertainty.laplace(reg, temperature=4.0, noise="none"), 2 * sd, rtol=1e-5)
+    sd = maps["laplace"]
     np.testing.assert_allclose(uncertainty.laplace(reg, temperature=4.0), 2 * sd, rtol=1e-5)
     mm2 = np.diag([2.0, 2.0, 2.0, 1.0])  # both images: the same grid map, the same E
     coarse = dataclasses.replace(reg, fixed=io.Volume(reg.fixed.data, mm2), moving=io.Volume(reg.moving.data, mm2))
@@ -119,6 +121,8 @@ def test_3d():
     (lambda r: uncertainty.laplace(r, probes=0), "probes"),
     (lambda r: uncertainty.laplace(r, temperature=float("nan")), "temperature"),
     (lambda r: uncertainty.laplace(r, seed=-1), "seed"),
+    (lambda r: uncertainty.laplace(r, noise="gaussian"), "noise"),
+    (lambda r: uncertainty.laplace(r, noise_sigma=-1.0), "noise_sigma"),
     (lambda r: uncertainty.laplace(r.fixed), "reg"),
     (lambda r: uncertainty.estimate(np.zeros(SHAPE), method="ensemble"), "reg"),
 ])
@@ -187,3 +191,19 @@ def test_register_command_writes_the_uncertainty_map(tmp_path, capsys):
     assert cli.main(["register", paths["fixed"], paths["moving"], "-o", str(tmp_path / "o2"), "--model", "x",
                      "--uncertainty", "ensemble"]) == 2
     assert "--uncertainty" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_laplace_with_local_noise_is_larger_where_the_images_still_disagree(reg):
+    """The same registration with the fixed image changed in one textured patch (the map there is now wrong): the
+    local-noise Laplace map grows in that patch against the rest of the textured half; the curvature alone does
+    not see it."""
+    patch = (slice(8, 16), slice(4, 12))
+    fixed = np.array(reg.fixed.data)
+    fixed[patch] = np.roll(fixed, 3, axis=0)[patch]
+    changed = dataclasses.replace(reg, fixed=io.Volume(fixed, reg.fixed.affine))
+    local, plain = uncertainty.laplace(changed), uncertainty.laplace(changed, noise="none")
+    rest = np.ones(SHAPE, bool)
+    rest[patch] = False
+    rest[:, HALF:] = False
+    assert local[patch].mean() > 2 * local[rest].mean()
+    assert plain[patch].mean() < 1.5 * plain[rest].mean()

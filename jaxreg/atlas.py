@@ -57,10 +57,8 @@ def align(template: io.Volume, image, *, preset: str = "affine", options=None, m
     """``(4, 4)`` RAS map from template world points to ``image``'s world points (pull), by jaxreg's engine with
     ``preset`` or ``options`` (a ``RegisterOptions``; the template the fixed image, masked by ``mask`` when
     given)."""
-    if options is None:
-        reg = world.register_images(template, image, preset=preset, fixed_mask=mask)
-    else:
-        reg = world.register_images(template, image, options=options, fixed_mask=mask)
+    reg = world.register_images(template, image, options=options, preset=None if options is not None else preset,
+                                fixed_mask=mask)
     return reg.world_matrix
 
 

@@ -105,10 +105,7 @@ def _names(images) -> list[str]:
 def _centre_of_mass(vol: io.Volume) -> np.ndarray:
     """World (RAS mm, ``(3,)``) centre of mass of the image's foreground intensities."""
     data = np.asarray(vol.data, np.float64)
-    w = np.where(optimize._foreground(data), data, 0.0)
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, vol.ndim)
-    c = (w.reshape(-1, 1) * idx).sum(0) / max(w.sum(), 1e-12)
-    return (io.as_affine4(vol.affine, vol.ndim) @ np.r_[c, np.zeros(3 - vol.ndim), 1.0])[:3]
+    return preprocess.centroid(vol, np.where(optimize._foreground(data), data, 0.0))
 
 
 def _grid_around(vol: io.Volume, resolution: float | None, margin: float = 8.0) -> io.Volume:
@@ -173,11 +170,8 @@ def _non_rigid_mean(matrices: np.ndarray, nd: int) -> np.ndarray:
 
 @jax.jit
 def _ncc(a, b, mask):
-    """Normalised cross-correlation of ``a`` and ``b`` over the voxels where ``mask`` (same shape, 0/1)."""
-    n = mask.sum()
-    a = (a - (a * mask).sum() / n) * mask
-    b = (b - (b * mask).sum() / n) * mask
-    return (a * b).sum() / jnp.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
+    """Normalised cross-correlation of ``a`` and ``b`` over the voxels where ``mask`` (``losses.ncc``, sign flipped)."""
+    return -losses.ncc(a, b, mask=mask)
 
 
 def _register_all(template, stack, options, spacing, batched: bool, field: str, initial=None) -> np.ndarray:
@@ -204,13 +198,11 @@ def _spread(x):
     return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("subjects")))
 
 
+@jax.jit
 def _mean_field_removed(fields):
     """``u_i ∘ (id + ū)^-1`` for every field: the fields' mean displacement becomes (about) zero."""
     inv = transforms.invert_disp(fields.mean(0))
     return jax.vmap(lambda u: spatial.compose(u, inv))(fields)
-
-
-_mean_field_removed_jit = jax.jit(_mean_field_removed)
 
 
 def build_template(images: Sequence, *, initial=None, resolution: float | None = None, affine_rounds: int = 2,
@@ -316,7 +308,7 @@ def build_template(images: Sequence, *, initial=None, resolution: float | None =
                 flds = joint_register(_spread(stack), options=d_opts, initial=_spread(fields))
             else:
                 flds = _register_all(tpl, stack, d_opts, spacing, batched, "disp", initial=fields)
-            fields = np.asarray(_mean_field_removed_jit(jnp.asarray(flds)), np.float32)
+            fields = np.asarray(_mean_field_removed(jnp.asarray(flds)), np.float32)
         warped = pulled(matrices, fields)
         tpl = warped.mean(0)
         fg = jnp.asarray(optimize._foreground(tpl), jnp.float32)

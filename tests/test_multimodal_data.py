@@ -71,3 +71,14 @@ def test_an_open_ms_case_is_its_contrast_moved_by_the_known_motion():
         smooth = [ndimage.gaussian_filter(np.asarray(a, np.float64), 1.0)[fg] for a in (back, original)]
         assert low < np.corrcoef(*smooth)[0, 1] < high
     assert case.masks["lesions"][0].data.sum() > 0 and case.masks["lesions"][1].data.sum() > 0
+
+
+def test_centroid_is_the_weighted_world_point():
+    from jaxreg.data import preprocess
+
+    affine = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -4], [0, 0, 3.0, 1], [0, 0, 0, 1]])
+    w = np.zeros((5, 6, 4))
+    w[1, 2, 3], w[3, 2, 3] = 1.0, 3.0  # centroid at voxel (2.5, 2, 3)
+    vol = io.Volume(w.astype(np.float32), affine)
+    np.testing.assert_allclose(preprocess.centroid(vol, w), affine[:3] @ [2.5, 2, 3, 1])
+    np.testing.assert_allclose(preprocess.centroid(vol, np.zeros_like(w)), affine[:3] @ [2, 2.5, 1.5, 1])

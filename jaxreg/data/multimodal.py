@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from jaxreg import metrics
 from jaxreg.data import io, preprocess
 
 
@@ -52,12 +53,9 @@ def _need(path: str) -> str:
 
 def _centroid_world(vol: io.Volume, channel: np.ndarray) -> np.ndarray:
     """RAS mm centroid of a blob (weights ``channel``, ``(*S)``) of a volume's grid."""
-    w = np.asarray(channel, np.float64)
-    if w.sum() <= 0:
+    if np.asarray(channel, np.float64).sum() <= 0:
         raise ValueError("an empty landmark blob")
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in w.shape], indexing="ij"), -1)
-    c = (idx * w[..., None]).reshape(-1, w.ndim).sum(0) / w.sum()
-    return (vol.affine @ np.r_[c, 1.0])[:3]
+    return preprocess.centroid(vol, channel)
 
 
 def prostate_cases(folder, *, cases=None) -> list[Case]:
@@ -165,10 +163,9 @@ def score(case: Case, reg) -> dict:
     for the identity map."""
     out = {}
     for name, (fm, mm) in case.masks.items():
-        warped = np.asarray(reg.apply(mm, labels=True).data) > 0
-        f = np.asarray(fm.data) > 0
-        denom = f.sum() + warped.sum()
-        out[f"dice_{name}"] = float(2 * (f & warped).sum() / denom) if denom else None
+        warped = (np.asarray(reg.apply(mm, labels=True).data) > 0).astype(np.int32)
+        d = metrics.dice((np.asarray(fm.data) > 0).astype(np.int32), warped, labels=[1])[1]
+        out[f"dice_{name}"] = None if np.isnan(d) else float(d)
     disp_mm = np.asarray(reg.displacement_field, np.float64)
     if case.landmarks is not None:
         inv = np.linalg.inv(case.fixed.affine)

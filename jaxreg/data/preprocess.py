@@ -116,6 +116,17 @@ def resample_to(volume: Volume, ref_shape, ref_affine, *, order: int = 1, cval=0
     return Volume(out, ref_affine, volume.has_channels)
 
 
+def centroid(volume: Volume, weights) -> np.ndarray:
+    """World (RAS mm, ``(3,)``) centroid of ``volume``'s grid weighted by ``weights`` (``(*spatial)``, >= 0; e.g. an
+    image's intensities or a blob's probabilities); the grid centre's world point when every weight is 0."""
+    w = np.asarray(weights, np.float64)
+    nd = w.ndim
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in w.shape], indexing="ij"), -1).reshape(-1, nd)
+    total = w.sum()
+    c = (w.reshape(-1, 1) * idx).sum(0) / total if total > 0 else (np.asarray(w.shape) - 1) / 2
+    return (as_affine4(volume.affine, nd) @ np.r_[c, np.zeros(3 - nd), 1.0])[:3]
+
+
 def normalize(image, *, lower: float = 0.5, upper: float = 99.5, mask=None) -> np.ndarray:
     """Robust intensity scaling to ``[0, 1]``: ``clip((x - p_lower) / (p_upper - p_lower), 0, 1)``, float32.
 

@@ -854,13 +854,14 @@ def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, movi
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RegisterOptions))
 
 
-def instance_options(iterations: int, preset: str = "default", *, levels: tuple = (1,)) -> RegisterOptions:
+def instance_options(iterations: int, preset: str | RegisterOptions = "default", *,
+                     levels: tuple = (1,)) -> RegisterOptions:
     """Instance optimisation of a given field (``register(..., initial_disp=...)``, e.g. a network's): ``iterations``
-    steps at full resolution with ``PRESETS[preset]``'s similarity, regulariser and step size, and its deformable
-    model when that is dense (greedy ``"diffeo"`` updates composed onto the field, or ``"disp"``; else ``"disp"``);
-    no parametric stage, no crop. ``levels=(2, 1)``: ``iterations`` steps at half resolution first, then
+    steps at full resolution with ``preset``'s (a key of ``PRESETS`` or a ``RegisterOptions``) similarity,
+    regulariser and step size, and its deformable model when that is dense (greedy ``"diffeo"`` updates composed
+    onto the field, or ``"disp"``; else ``"disp"``); no parametric stage, no crop. ``levels=(2, 1)``: ``iterations`` steps at half resolution first, then
     ``iterations // 2`` at full resolution (each level halves the count of the one before)."""
-    base = PRESETS[preset]
+    base = preset if isinstance(preset, RegisterOptions) else PRESETS[preset]
     model = base.deformable if base.deformable in ("disp", "diffeo") else "disp"
     counts = tuple(max(1, int(iterations) >> i) for i in range(len(levels)))
     return dataclasses.replace(base, transform=None, init=None, deformable=model, levels=tuple(levels),

@@ -42,7 +42,6 @@ averaged).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import numbers
 
@@ -113,16 +112,6 @@ def _sd_mm(variance: np.ndarray, spacing) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------ ensemble
-def member_options(options: optimize.RegisterOptions, iterations: int) -> optimize.RegisterOptions:
-    """The options of one ensemble member: ``options``' similarity, regulariser, step size and optimiser, its
-    deformable model when that is dense ("diffeo" or "disp"; else "disp"), ``iterations`` steps at full resolution,
-    no parametric stage, no crop (``optimize.instance_options`` for a given ``RegisterOptions``; the iteration count
-    is per member: ``(iterations,)``)."""
-    model = options.deformable if options.deformable in ("disp", "diffeo") else "disp"
-    return dataclasses.replace(options, transform=None, init=None, deformable=model, levels=(1,),
-                               iterations=(int(iterations),), crop=False)
-
-
 def perturbations(shape, *, members: int, amplitude: float, smoothness: float, seed: int = 0) -> np.ndarray:
     """``members`` random smooth fields ``(members, *shape, ndim)`` float32 in voxels: white Gaussian noise blurred
     by a Gaussian of sigma ``smoothness`` voxels, each component of each member scaled to an RMS of ``amplitude``
@@ -142,7 +131,7 @@ def ensemble(reg: world.Registration, *, members: int = 8, iterations: int = 30,
     ``return_mean`` also the members' mean displacement ``(*S_fixed, ndim)`` float32 (fixed voxels, as
     ``Registration.disp``).
 
-    Each of the ``members`` runs ``iterations`` steps of the engine at full resolution (``member_options`` of
+    Each of the ``members`` runs ``iterations`` steps of the engine at full resolution (``optimize.instance_options`` of
     ``reg.options``) from ``u + p_k``: ``u`` the found deformable field (before the parametric matrix, which stays
     fixed: ``initial_matrix``), ``p_k`` a random smooth perturbation (``perturbations``: RMS ``amplitude`` voxels per
     component, Gaussian ``smoothness`` sigma in voxels; keep ``amplitude / smoothness`` well below 1 so that the
@@ -161,7 +150,7 @@ def ensemble(reg: world.Registration, *, members: int = 8, iterations: int = 30,
     amplitude = _real("amplitude", amplitude, 0, True)
     smoothness = _real("smoothness", smoothness, 0, False)
     seed = _int("seed", seed, 0)
-    opts = member_options(reg.options, iterations)
+    opts = optimize.instance_options(iterations, reg.options)
     shape, nd = reg.fixed.shape, reg.fixed.ndim
     f, m = _images(reg, normalize)
     noise = perturbations(shape, members=members, amplitude=amplitude, smoothness=smoothness, seed=seed)

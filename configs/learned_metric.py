@@ -91,7 +91,7 @@ def get_config(variant: str = ""):
     c.eval.register = ml_collections.ConfigDict(dict(
         transform="affine", deformable="disp", affine_levels=(2, 1), affine_iterations=(100, 50),
         levels=(2, 1), iterations=(80, 40), regularizer="diffusion", reg_weight=10.0))
-    c.eval.learned_overrides = ml_collections.ConfigDict()  # register options for the learned metric only
+    c.eval.overrides = ml_collections.ConfigDict()  # {method: register options for that method only}
     c.eval.figures = 0  # pairs with PNG figures per method in WORKDIR/eval/figures (needs matplotlib)
 
     if variant == "3d":

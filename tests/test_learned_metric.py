@@ -232,3 +232,25 @@ def test_cli_metric_checkpoint_option():
     assert opts.affine_metric == "mi" and opts.affine_metric_options is None
     with pytest.raises(ValueError, match="--metric-checkpoint applies to"):
         parse("--metric-checkpoint", "runs/lm/k20")
+
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "open_ms")), reason="no ../shared/data")
+def test_real_open_ms_pairs_split_by_patient(tmp_path):
+    c = load_config("learned_metric_real", "flair")
+    c.data.resolution = 4.0
+    (train,) = lm.training_pairs(c)  # patient07, aligned: one anatomy in two contrasts
+    assert train["fixed"].shape == train["moving"].shape == train["fixed_labels"].shape and train["fixed"].ndim == 3
+    assert "disp" not in train and not np.allclose(train["fixed"], train["moving"])
+    test = lm.make_pair(c.data, seed=c.data.test_seed, index=1, aligned=False)  # patient19, moved by a known motion
+    assert test["disp"].shape == test["fixed"].shape + (3,) and test["fixed"].shape != train["fixed"].shape
+    again = lm.make_pair(c.data, seed=c.data.test_seed + 1, index=0, aligned=False)  # pair i: motion test_seed + i
+    np.testing.assert_array_equal(test["disp"], again["disp"])
+    c.eval.methods = ("identity", "mi")
+    c.eval.overrides = {"ngf": {"reg_weight": 1.0}}
+    with pytest.raises(ValueError, match="overrides.*ngf"):
+        lm.evaluation(c, str(tmp_path))
+    with pytest.raises(ValueError, match="variant 't1'"):
+        load_config("learned_metric_real", "t1")

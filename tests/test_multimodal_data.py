@@ -82,3 +82,52 @@ def test_centroid_is_the_weighted_world_point():
     vol = io.Volume(w.astype(np.float32), affine)
     np.testing.assert_allclose(preprocess.centroid(vol, w), affine[:3] @ [2.5, 2, 3, 1])
     np.testing.assert_allclose(preprocess.centroid(vol, np.zeros_like(w)), affine[:3] @ [2, 2.5, 1.5, 1])
+
+
+def test_tissue_classes_order_the_intensities_and_mark_lesions():
+    rng = np.random.default_rng(0)
+    t1 = np.zeros((20, 20, 8))
+    t1[2:18, 2:6], t1[2:18, 6:11], t1[2:18, 11:18] = 0.2, 0.5, 0.9  # CSF < GM < WM
+    t1 = np.where(t1 > 0, t1 + 0.02 * rng.standard_normal(t1.shape), 0.0)
+    lesions = np.zeros(t1.shape, bool)
+    lesions[5:7, 12:14, 3:5] = True
+    classes = multimodal.tissue_classes(t1, lesions)
+    assert classes.dtype == np.int32 and (classes[t1 <= 0] == 0).all()
+    assert (classes[4, 3] == 1).all() and (classes[4, 8] == 2).all() and (classes[4, 15] == 3).all()
+    assert (classes[lesions] == 4).all() and set(np.unique(classes)) == {0, 1, 2, 3, 4}
+    assert not multimodal.tissue_classes(np.zeros((4, 4, 4))).any()
+
+
+def test_a_moved_pair_is_undone_by_its_true_field():
+    import jax.numpy as jnp
+
+    from jaxreg import metrics, spatial
+
+    shape = (28, 32, 24)
+    zz = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    r = np.linalg.norm(zz, axis=-1)
+    labels = np.select([r < 0.35, r < 0.6, r < 0.85], [3, 2, 1], 0).astype(np.int32)
+    vols = {"T1": (labels / 3.0).astype(np.float32), "T2": np.where(labels > 0, 1 - labels / 3.0, 0).astype(np.float32),
+            "labels": labels, "affine": np.diag([2.0, 2.0, 2.0, 1.0])}
+    p = multimodal.moved_pair(vols, moving="T2", seed=2, deform_mm=3.0)
+    assert p["moving"].shape == shape and p["disp"].shape == (*shape, 3) and np.abs(p["disp"]).max() > 1.0
+    np.testing.assert_allclose(p["spacing"], 2.0)
+    undone = np.asarray(spatial.warp_labels(jnp.asarray(p["moving_labels"]), jnp.asarray(p["disp"])))
+    before = metrics.dice(labels, p["moving_labels"], labels=[1, 2, 3])
+    after = metrics.dice(labels, undone, labels=[1, 2, 3])
+    assert min(after.values()) > 0.85 and np.mean(list(after.values())) > np.mean(list(before.values())) + 0.1
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "open_ms")), reason="no ../shared/data")
+def test_open_ms_volumes_are_co_registered_cropped_and_labelled():
+    vols = multimodal.open_ms_volumes(os.path.join(DATA, "open_ms"), "patient19", contrasts=("T2",), resolution=4)
+    shape = vols["T1"].shape
+    assert set(vols) == {"T1", "T2", "labels", "lesions", "affine"} and vols["T2"].shape == shape == vols["labels"].shape
+    assert 30 < shape[0] < 46 and 0.0 <= vols["T2"].min() and vols["T2"].max() <= 1.0
+    np.testing.assert_allclose(np.linalg.norm(vols["affine"][:3, :3], axis=0), 4.0)
+    counts = np.bincount(vols["labels"].ravel(), minlength=5)
+    assert (counts[1:4] > 100).all() and ((vols["T1"] > 0) == (vols["labels"] > 0)).mean() > 0.99
+    # T2 is dark where T1 is bright (white matter) and bright where T1 is dark (CSF): a real second contrast
+    assert vols["T2"][vols["labels"] == 1].mean() > vols["T2"][vols["labels"] == 3].mean()
+    with pytest.raises(FileNotFoundError, match="PD.nii.gz"):
+        multimodal.open_ms_volumes(os.path.join(DATA, "open_ms"), "patient19", contrasts=("PD",))

@@ -121,6 +121,37 @@ def smooth_motion(shape, spacing, *, seed: int = 0, rotation_deg: float = 8.0, s
     return ((moved + field - x) / spacing).astype(np.float32)
 
 
+def move(u, *images, orders=None) -> list[np.ndarray]:
+    """Carry ``images`` (each ``(*S)``) by the map ``p -> p + u(p)`` (``u`` ``(*S, nd)`` voxels): ``new(p + u(p)) =
+    image(p)``, i.e. each image pulled through the inverse map (``transforms.invert_disp``, 50 iterations), so that
+    ``u`` is the exact pull field from the image's grid to the moved one's. ``orders``: interpolation order per
+    image (1 linear, 0 nearest for labels) [all 1]. float32 arrays."""
+    from jaxreg import transforms
+
+    inv = np.asarray(transforms.invert_disp(u, iterations=50), np.float32)
+    pts = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in u.shape[:-1]], indexing="ij"), -1) + inv
+    pts = np.moveaxis(pts, -1, 0)
+    orders = orders or (1,) * len(images)
+    return [ndimage.map_coordinates(np.asarray(im, np.float32), pts, order=o, cval=0.0).astype(np.float32)
+            for im, o in zip(images, orders)]
+
+
+def moved_pair(volumes: dict, *, fixed: str = "T1", moving: str = "T2", seed: int = 0, spacing=None,
+               **motion) -> dict:
+    """A multimodal pair with an exact answer from ``open_ms_volumes``' aligned contrasts: ``fixed`` as it is,
+    ``moving`` (and the labels) carried by ``smooth_motion(seed, **motion)``. The pair dict of
+    ``jaxreg.methods.Evaluation``: ``fixed``, ``moving`` ``(*S)`` float32, ``fixed_labels``, ``moving_labels``
+    ``(*S)`` int32 (``TISSUES``), ``disp`` ``(*S, 3)`` voxels (pull: ``fixed[x] ≈ moving[x + disp(x)]``),
+    ``spacing`` mm (default: from ``volumes["affine"]``)."""
+    if spacing is None:
+        spacing = np.linalg.norm(np.asarray(volumes["affine"])[:3, :3], axis=0)
+    f = np.asarray(volumes[fixed], np.float32)
+    u = smooth_motion(f.shape, spacing, seed=seed, **motion)
+    m, lab = move(u, volumes[moving], volumes["labels"], orders=(1, 0))
+    return {"fixed": f, "moving": m, "fixed_labels": np.asarray(volumes["labels"], np.int32),
+            "moving_labels": lab.astype(np.int32), "disp": u, "spacing": np.asarray(spacing, np.float32)}
+
+
 def open_ms_case(folder, patient: str, *, fixed: str = "T1", moving: str = "T2", seed: int = 0,
                  resolution: float | None = None, **motion) -> Case:
     """Patient ``patient`` (e.g. ``"patient07"``) of ``folder`` (``open_ms``): ``fixed`` contrast as stored, the
@@ -141,18 +172,78 @@ def open_ms_case(folder, patient: str, *, fixed: str = "T1", moving: str = "T2",
     if m.shape != f.shape or les.shape != f.shape:
         raise ValueError(f"{base}: {moving} {m.shape} and lesions {les.shape} must share {fixed}'s grid {f.shape}")
     u = smooth_motion(f.shape, f.spacing, seed=seed, **motion)
-    # the moved contrast: new(y) = original(T^-1(y)) on the same grid, i.e. original pulled through the inverse map
-    from jaxreg import transforms
-
-    inv = np.asarray(transforms.invert_disp(u, iterations=50), np.float32)
-    pts = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in f.shape], indexing="ij"), -1) + inv
-    moved = ndimage.map_coordinates(np.asarray(m.data, np.float32), np.moveaxis(pts, -1, 0), order=1, cval=0.0)
-    moved_les = ndimage.map_coordinates(np.asarray(les.data, np.float32), np.moveaxis(pts, -1, 0), order=0)
+    moved, moved_les = move(u, np.asarray(m.data, np.float32), np.asarray(les.data, np.float32), orders=(1, 0))
     lin = f.affine[:3, :3]
     true_mm = np.einsum("ij,...j->...i", lin, u).astype(np.float32)
     masks = {"lesions": (io.Volume((np.asarray(les.data) > 0).astype(np.uint8), f.affine),
                          io.Volume((moved_les > 0).astype(np.uint8), f.affine))}
     return Case(f"open_ms_{patient}_{moving}", f, io.Volume(moved.astype(np.float32), f.affine), masks, None, true_mm)
+
+
+TISSUES = {1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
+
+
+def tissue_classes(t1, lesions=None, *, iterations: int = 20) -> np.ndarray:
+    """Tissue classes of a skull-stripped T1 ``(*S)``: 0 background (intensity <= 0), then 1 CSF, 2 GM, 3 WM by a
+    three-class k-means of the brain's intensities (dark to bright, started at their 15th/50th/85th percentiles),
+    and 4 where ``lesions`` > 0. ``(*S)`` int32."""
+    t1 = np.asarray(t1, np.float64)
+    brain = t1 > 0
+    out = np.zeros(t1.shape, np.int32)
+    if not brain.any():
+        return out
+    v = t1[brain]
+    centres = np.percentile(v, [15, 50, 85])
+    for _ in range(iterations):
+        assign = np.argmin(np.abs(v[:, None] - centres[None]), axis=1)
+        centres = np.array([v[assign == k].mean() if np.any(assign == k) else centres[k] for k in range(3)])
+    out[brain] = np.argmin(np.abs(v[:, None] - np.sort(centres)[None]), axis=1) + 1
+    if lesions is not None:
+        out[(np.asarray(lesions) > 0) & brain] = 4
+    return out
+
+
+def open_ms_volumes(folder, patient: str, *, contrasts=("T1", "T2", "FLAIR"), resolution: float | None = 2.0,
+                    margin: int = 4) -> dict:
+    """The co-registered contrasts of one ``open_ms`` patient on one grid, for learning (aligned multimodal data).
+
+    Every contrast (``{folder}/cross_sectional/{patient}/{name}.nii.gz``) is resampled to ``resolution`` mm
+    (None: as stored, 1 mm), cropped to the bounding box of the T1 brain plus ``margin`` voxels and scaled to
+    [0, 1] (``preprocess.normalize``, percentiles 0.5–99.5 of the brain). Returns ``{name: (*S) float32}`` for
+    every contrast, ``"labels"`` ``(*S)`` int32 (``tissue_classes`` of T1 with the lesion mask: ``TISSUES``),
+    ``"lesions"`` ``(*S)`` uint8 and ``"affine"`` (4, 4) of the cropped grid.
+    """
+    base = os.path.join(os.fspath(folder), "cross_sectional", patient)
+    names = tuple(dict.fromkeys(("T1",) + tuple(contrasts)))
+    vols = {n: io.load(_need(os.path.join(base, f"{n}.nii.gz"))) for n in names}
+    les = io.load_labels(_need(os.path.join(base, "lesions.nii.gz")))
+    ref = vols["T1"]
+    for n, v in list(vols.items()) + [("lesions", les)]:
+        if v.shape != ref.shape or not np.allclose(v.affine, ref.affine, atol=1e-3):
+            raise ValueError(f"{base}: {n} is not on T1's grid ({v.shape} vs {ref.shape}); open_ms cross-sectional "
+                             f"contrasts are co-registered")
+    shape, aff = ref.shape, ref.affine
+    if resolution:
+        factor = float(resolution) / np.asarray(ref.spacing, np.float64)
+        shape = tuple(int(np.ceil(n / s)) for n, s in zip(ref.shape, factor))
+        aff = ref.affine.copy()
+        aff[:3, :3] = ref.affine[:3, :3] * factor
+    data = {n: np.asarray(preprocess.resample_to(v, shape, aff).data, np.float32) for n, v in vols.items()}
+    lesions = np.asarray(preprocess.resample_to(les, shape, aff, order=0).data) > 0
+    idx = np.argwhere(data["T1"] > 0)
+    if idx.size == 0:
+        raise ValueError(f"{base}/T1.nii.gz: no brain (all intensities <= 0)")
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    brain = data["T1"][box] > 0
+    out = {n: preprocess.normalize(d[box], mask=brain).astype(np.float32) * brain for n, d in data.items()}
+    out["labels"] = tissue_classes(data["T1"][box], lesions[box])
+    out["lesions"] = lesions[box].astype(np.uint8)
+    crop = np.eye(4)
+    crop[:3, 3] = lo
+    out["affine"] = aff @ crop
+    return out
 
 
 def score(case: Case, reg) -> dict:

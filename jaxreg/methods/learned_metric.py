@@ -96,6 +96,9 @@ def make_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
     a training pair. Kinds:
 
     * ``"mni_slice"``: ``synthetic.mni_slice_pair`` (2-D axial MNI152 slice; fixed T1, moving ``data.contrast``).
+    * ``"open_ms"``: real co-registered contrasts of ``open_ms`` patients (``_open_ms_pair``): fixed
+      ``data.fixed_contrast`` (T1), moving one of ``data.moving_contrasts``, tissue classes of T1 as labels;
+      training pairs from ``data.train_patients``, test pairs from ``data.test_patients`` moved by a known motion.
     * ``"synthetic"``: the label maps and field of ``synthetic.synthetic_pair`` (2-D or 3-D ``data.shape``),
       rendered in two *fixed* modalities: label ``l`` has intensity ``A[l]`` in the fixed image and ``B[l]`` in the
       moving one, with ``A, B`` drawn once from ``data.contrast_seed`` (a consistent modality pair, as T1/T2), plus
@@ -122,7 +125,43 @@ def make_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
                     moving=_render(rng, p["moving_labels"], means[1], **opts),
                     fixed_labels=p["fixed_labels"], moving_labels=p["moving_labels"],
                     spacing=np.ones(len(data.shape)))
-    raise ValueError(f"config.data.kind must be 'mni_slice' or 'synthetic', got {data.kind!r}")
+    if data.kind == "open_ms":
+        return _open_ms_pair(data, seed=seed, index=index, aligned=aligned)
+    raise ValueError(f"config.data.kind must be 'mni_slice', 'synthetic' or 'open_ms', got {data.kind!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _open_ms(folder: str, patient: str, contrasts: tuple, resolution: float) -> dict:
+    from jaxreg.data import multimodal
+
+    return multimodal.open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)
+
+
+def open_ms_combos(data, *, aligned: bool) -> list[tuple[str, str]]:
+    """The ``(patient, moving contrast)`` of the ``"open_ms"`` pairs of a split: ``data.train_patients`` (aligned
+    training pairs) or ``data.test_patients``, each with every ``data.moving_contrasts``."""
+    patients = tuple(data.train_patients if aligned else data.test_patients)
+    contrasts = tuple(data.moving_contrasts)
+    if not patients or not contrasts:
+        raise ValueError("config.data.train_patients, test_patients and moving_contrasts must not be empty")
+    return [(p, c) for p in patients for c in contrasts]
+
+
+def _open_ms_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
+    """Pair ``index`` of a real ``open_ms`` split (fixed: ``data.fixed_contrast``, normally T1): aligned
+    (``(patient, contrast) = open_ms_combos[index]``, no motion) or moved by the known motion
+    ``multimodal.smooth_motion(seed + index)`` (cycling through the combos), with its true ``disp``."""
+    from jaxreg.data import multimodal
+
+    combos = open_ms_combos(data, aligned=aligned)
+    patient, contrast = combos[index % len(combos)]
+    vols = _open_ms(os.fspath(data.folder), patient, (data.fixed_contrast, *tuple(data.moving_contrasts)),
+                    float(data.resolution))
+    spacing = np.linalg.norm(vols["affine"][:3, :3], axis=0).astype(np.float32)
+    if aligned:
+        return {"fixed": vols[data.fixed_contrast], "moving": vols[contrast], "fixed_labels": vols["labels"],
+                "moving_labels": vols["labels"], "spacing": spacing}
+    return multimodal.moved_pair(vols, fixed=data.fixed_contrast, moving=contrast, seed=int(seed) + int(index))
 
 
 def training_arrays(pairs, k: int, *, scales, patch: int, foreground: str = "labels"):
@@ -383,8 +422,13 @@ def _augment(config) -> Augment:
 
 def training_pairs(config) -> list[dict]:
     """The ``data.num_train_pairs`` aligned pairs (seed ``data.seed``), generated on the host."""
-    return [make_pair(config.data, seed=config.data.seed, index=i, aligned=True)
-            for i in range(int(config.data.num_train_pairs))]
+    from jaxreg.data.preprocess import crop_or_pad
+
+    pairs = [make_pair(config.data, seed=config.data.seed, index=i, aligned=True)
+             for i in range(int(config.data.num_train_pairs))]
+    shape = tuple(np.max([p["fixed"].shape for p in pairs], axis=0))  # real subjects differ: pad to one shape
+    return [{k: crop_or_pad(v, shape) if k in ("fixed", "moving", "fixed_labels", "moving_labels") else v
+             for k, v in p.items()} for p in pairs]
 
 
 def _write_json_atomic(path, obj):
@@ -410,12 +454,12 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
     """
     t = config.train
     ks = _ks(config)
-    ndim = len(tuple(config.data.shape))
+    pairs = training_pairs(config)
+    ndim = pairs[0]["fixed"].ndim
     model = build_model(ndim, **_model_kwargs(config))
     aug = _augment(config)
     scales = tuple(int(s) for s in t.scales)
     loss = Loss(model, aug, int(t.batch_size), t.loss)
-    pairs = training_pairs(config)
     training.save_config(config, workdir)
     # "rbg" keys: XLA's RngBitGenerator compiles in a fraction of threefry's time on CPU (deterministic per backend)
     key = jax.random.key(int(config.seed), impl="rbg")
@@ -449,17 +493,21 @@ def evaluation(config, workdir) -> Evaluation:
     """Register ``config.eval.num_pairs`` held-out pairs with every method (for ``jaxreg.evaluation.evaluate``).
 
     Test pairs: ``make_pair(config.data, seed=data.test_seed, index=i, aligned=False)`` (deformed, multimodal).
-    Methods (``config.eval.methods``): ``identity``; ``mi``; ``mi_masked``; ``learned`` and ``learned_masked`` (one
-    per ``k`` of ``train.ks``), all with the engine options ``eval.register`` (plus ``eval.learned_overrides`` for
-    the learned metric). Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for
-    brain masks. Measures: Dice and Jaccard per label 1..K-1 and their means, seconds; every method's Dice is
-    compared, pair by pair, with MI's (when ``"mi"`` is evaluated).
+    Methods (``config.eval.methods``): ``identity``; any similarity of ``jaxreg.losses.SIMILARITIES`` (``mi``,
+    ``nmi``, ``ngf``, ``mind``, ...; ``mi``/``nmi`` with ``eval.mi_bins`` bins); ``learned`` (one per ``k`` of
+    ``train.ks``); each similarity also as ``NAME_masked``. All run the engine with the options ``eval.register``
+    (the metric replaced; ``eval.overrides[NAME]`` adds options for one method, e.g. its ``reg_weight``).
+    Masks (``*_masked``): the label maps' foreground (labels > 0) of each image, a stand-in for brain masks.
+    Measures: Dice and Jaccard per label and their means, % folding voxels, the end-point error (mm) when the pairs
+    carry their true field, seconds; every method is compared, pair by pair, with MI's (when ``"mi"`` is
+    evaluated) on the mean Dice and, when known, the end-point error.
     """
-    from jaxreg import optimize
+    from jaxreg import losses, optimize
 
     e = config.eval
-    base = dict(e.register)
-    mi = {"bins": int(e.mi_bins)}
+    plain_dict = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d)  # noqa: E731  (nested ConfigDicts too)
+    base = plain_dict(e.register)
+    overrides = {k: plain_dict(v) for k, v in plain_dict(e.overrides).items()}
     n_train = int(config.data.num_train_pairs)
     run = {}
 
@@ -473,30 +521,44 @@ def evaluation(config, workdir) -> Evaluation:
         return fn
 
     for name in e.methods:
+        plain = name.removesuffix("_masked")
+        extra = overrides.get(plain, {})
         if name == "identity":
             run[name] = lambda p: {"disp": jnp.zeros(p["fixed"].shape + (p["fixed"].ndim,), p["fixed"].dtype)}
-        elif name in ("mi", "mi_masked"):
-            run[name] = registration({**base, "metric": "mi", "metric_options": mi}, name == "mi_masked")
-        elif name in ("learned", "learned_masked"):
+        elif plain in losses.SIMILARITIES:
+            opts = {"bins": int(e.mi_bins)} if plain in ("mi", "nmi") else None
+            run[name] = registration({**base, "metric": plain, "metric_options": opts, **extra}, name != plain)
+        elif plain == "learned":
             for k in _ks(config):
                 path = variant_dir(workdir, k)
                 load(path)  # fail early, naming the path
                 opts = {"checkpoint": path, "stride": int(e.stride), "form": e.form}
                 run[_label(name, k, n_train)] = registration(
-                    {**base, "metric": metric, "metric_options": opts, **dict(e.learned_overrides)},
-                    name == "learned_masked")
+                    {**base, "metric": metric, "metric_options": opts, **extra}, name != plain)
         else:
-            raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, mi, mi_masked, "
-                             f"learned, learned_masked")
+            raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, learned, "
+                             f"{', '.join(losses.SIMILARITIES)} (each also as NAME_masked)")
+    unknown = sorted(set(overrides) - {n.removesuffix("_masked") for n in e.methods})
+    if unknown:
+        raise ValueError(f"config.eval.overrides names methods that are not evaluated: {unknown}")
 
     def pair(i):
         p = make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)
         return {**p, "fixed": jnp.asarray(p["fixed"]), "moving": jnp.asarray(p["moving"])}
 
     first = make_pair(config.data, seed=config.data.test_seed, index=0, aligned=False)
-    num_labels = int(max(first["fixed_labels"].max(), first["moving_labels"].max())) + 1
+    if config.data.kind == "open_ms":
+        from jaxreg.data.multimodal import TISSUES
+        label_names = dict(TISSUES)
+    else:
+        num_labels = int(max(first["fixed_labels"].max(), first["moving_labels"].max())) + 1
+        label_names = {k: str(k) for k in range(1, num_labels)}
+    known = first.get("disp") is not None
+    columns = (("dice_mean", "Dice", 3), ("jaccard_mean", "Jaccard", 3))
+    columns += ((("epe_mm", "EPE mm", 2),) if known else ()) + (("folding_pct", "% folding", 3),
+                                                               ("seconds", "s / pair", 2))
     paired = tuple((name, "mi") for name in run if name != "mi") if "mi" in run else ()
-    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run, measures=("dice", "jaccard"),
-                      label_names={k: str(k) for k in range(1, num_labels)},
-                      columns=(("dice_mean", "Dice", 3), ("jaccard_mean", "Jaccard", 3), ("seconds", "s / pair", 2)),
-                      paired=paired, paired_keys=("dice_mean",))
+    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run,
+                      measures=("dice", "jaccard", "jacobian") + (("epe",) if known else ()),
+                      label_names=label_names, columns=columns, paired=paired,
+                      paired_keys=("dice_mean",) + (("epe_mm",) if known else ()))

@@ -33,9 +33,10 @@ to 3000 steps (``--config.train.steps=3000``, both runs) the gap stays: translat
 (T L1, ``mean |T(warp(I_a, true field)) − I_b|``, 0.042 → 0.032). Why, we think: (1) the T2-like image is rendered
 from the same three tissue maps as the T1, so its joint histogram with T1 is close to a function, the case MI is
 made for (the paper's gains are on modality pairs where cross-modal metrics fail); (2) without the paper's
-adversarial term T is an L1 fit to a target misaligned by R's current error, so its output is blurred (see the
-figures in ``WORKDIR/eval/figures``) and R's translate-first signal is a blurred image against a sharp one; T
-sharpens only as R improves. The classical engine, optimising each pair, is far ahead of every network here.
+adversarial term (measured without it; it is now ``loss.adversarial_weight`` with ``model.discriminator``) T is
+an L1 fit to a target misaligned by R's current error, so its output is blurred (see the figures in
+``WORKDIR/eval/figures``) and R's translate-first signal is a blurred image against a sharp one; T sharpens only
+as R improves. The classical engine, optimising each pair, is far ahead of every network here.
 """
 import ml_collections
 
@@ -66,11 +67,13 @@ def get_config(arg: str = ""):
     c.model.affine_hidden = 64
     c.model.translation_encoder = (16, 32, 32, 32)
     c.model.translation_decoder = (32, 32, 32, 32, 16, 16)
+    c.model.discriminator = ()  # PatchGAN features, e.g. (16, 32, 64), for loss.adversarial_weight > 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.translate_first_weight = 1.0
     c.loss.register_first_weight = 1.0
     c.loss.register_first_updates_r = True  # False: the register-first path trains T only (φ under stop_gradient)
+    c.loss.adversarial_weight = 0.0  # > 0: the paper's LSGAN term (needs model.discriminator); see the method
     c.loss.regularizer = "diffusion"
     c.loss.reg_weights = ml_collections.ConfigDict({"translation": 1.0, "ncc": 1.0, "mi": 1.0, "lncc": 1.0,
                                                     "nmi": 1.0, "ngf": 1.0, "mse": 0.05})

@@ -1,5 +1,7 @@
 """Translation-network multimodal registration (Arar et al.): model shapes, the two reconstruction losses against a
-direct NumPy computation, R's landmark error falls on a toy case, one-step fit + resume + evaluate smoke run.
+direct NumPy computation, the adversarial term's gradients (who gets gradient from what, finite differences), R's
+landmark error falls on a toy case, one-step fit + resume + evaluate smoke run, the open_ms slice pairs (skipped
+without ``../shared/data``).
 
 Tiny networks on 32×32 images keep compilations few and fast.
 """
@@ -14,7 +16,7 @@ from scipy import ndimage
 
 from conftest import load_config
 from jaxreg import evaluation, losses, metrics, training
-from jaxreg.data import synthetic
+from jaxreg.data import preprocess, synthetic
 from jaxreg.methods import translation as mt
 from jaxreg.models import translation as tm
 
@@ -120,7 +122,9 @@ def test_reconstruction_losses_as_written(rng):
     np.testing.assert_allclose(float(terms["translate_first"]), tf, rtol=2e-4)
     np.testing.assert_allclose(float(terms["register_first"]), rf, rtol=2e-4)
     np.testing.assert_allclose(float(terms["loss"]), tf + 0.5 * rf, rtol=2e-4)  # affine: no regulariser
-    assert set(terms) == {"similarity", "translate_first", "register_first", "regularizer", "loss"}  # no dummy dice
+    assert set(terms) == {"similarity", "translate_first", "register_first", "regularizer", "adversarial",
+                          "discriminator", "loss"}  # no dummy dice
+    assert float(terms["adversarial"]) == 0.0 and float(terms["discriminator"]) == 0.0  # off by default
     assert abs(tf - rf) > 1e-3  # the two paths differ: T does not commute with the warp
 
     # dense R with a non-trivial field: the regulariser enters with its weight
@@ -145,6 +149,63 @@ def test_reconstruction_losses_as_written(rng):
     ncc = losses.ncc(f32(fixed), f32(_np_warp(moving, disp)))
     np.testing.assert_allclose(float(base["similarity"]), float(ncc), rtol=1e-3)
     assert float(base["translate_first"]) == 0.0
+
+
+def test_adversarial_term_gradients(rng):
+    """LSGAN term: D's gradient is that of L_D alone (and non-zero); T's includes w_adv ∇L_adv (differs from
+    w_adv = 0) and is the derivative of the generator loss ``L = loss − L_D`` (central finite difference in float64
+    along a random direction: L_D depends on T's output only under stop_gradient); R gets nothing from L_D. One
+    jitted computation on a tiny model."""
+    model = tm.build(ndim=2, registration="dense", discriminator=(4, 8), **TINY)
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        mt.Loss(tm.build(ndim=2, **TINY), adversarial_weight=0.1)  # no discriminator
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        mt.Loss(model, adversarial_weight=-1.0)
+    # float64 (conftest enables x64) for the finite difference
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), _init(model))
+    assert set(params["params"]) == {"registration", "translation", "discriminator"}  # init touched D
+    batch = {"moving": jnp.asarray(rng.random((2,) + SHAPE)), "fixed": jnp.asarray(rng.random((2,) + SHAPE))}
+    direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape)),
+                                       params["params"]["translation"])
+    on, off = mt.Loss(model, adversarial_weight=0.5), mt.Loss(model, adversarial_weight=0.0)
+    key = jax.random.key(0)
+
+    def shifted(eps):  # T's params moved along `direction`
+        t = jax.tree_util.tree_map(lambda a, d: a + eps * d, params["params"]["translation"], direction)
+        return {"params": {**params["params"], "translation": t}}
+
+    @jax.jit
+    def check(params):
+        total = jax.grad(lambda p: on(p, batch, key)[0])(params)["params"]
+        d_only = jax.grad(lambda p: on(p, batch, key)[1]["discriminator"])(params)["params"]
+        no_adv = jax.grad(lambda p: off(p, batch, key)[0])(params)["params"]
+        h = 1e-7  # small: the L1 terms and LeakyReLUs have kinks
+
+        def generator(p):
+            value, terms = on(p, batch, key)
+            return value - terms["discriminator"]
+
+        fd = (generator(shifted(h)) - generator(shifted(-h))) / (2 * h)
+        return total, d_only, no_adv, fd, on(params, batch, key)[1]
+
+    total, d_only, no_adv, fd, terms = check(params)
+    leaves = jax.tree_util.tree_leaves
+    # (a) D: gradient of the total loss == gradient of L_D alone, and non-zero
+    for a, b in zip(leaves(total["discriminator"]), leaves(d_only["discriminator"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-14)
+    assert sum(float(jnp.sum(jnp.abs(a))) for a in leaves(d_only["discriminator"])) > 1e-6
+    # (c) R and T get nothing from L_D
+    for part in ("registration", "translation"):
+        assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in leaves(d_only[part])), part
+    # (b) T's gradient includes the adversarial term and matches finite differences along `direction`
+    diff = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(leaves(total["translation"]),
+                                                               leaves(no_adv["translation"])))
+    assert diff > 1e-6
+    # with w_adv = 0 the adversarial term and L_D are both off: D gets exactly zero
+    assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in leaves(no_adv["discriminator"]))
+    directional = sum(float(jnp.sum(a * d)) for a, d in zip(leaves(total["translation"]), leaves(direction)))
+    np.testing.assert_allclose(directional, float(fd), rtol=1e-5)
+    assert float(terms["adversarial"]) > 0 and float(terms["discriminator"]) > 0
 
 
 def _toy_pair(index):
@@ -235,3 +296,57 @@ def test_fit_resume_and_evaluate_smoke(tmp_path):
         bad = tiny_config()
         bad.objective = "nonsense"
         mt.fit(bad, str(tmp_path / "bad"), progress=False)
+
+
+OPEN_MS = os.path.join(ROOT, "..", "shared", "data", "open_ms")
+
+
+def test_open_ms_config_without_data():
+    c = load_config("translation_real")
+    assert c.data.kind == "open_ms" and c.model.discriminator and c.loss.adversarial_weight > 0
+    assert set(c.data.train_patients).isdisjoint(c.data.test_patients)  # split by subject
+    assert all(n % 16 == 0 for n in c.data.shape)  # the U-Nets' four halvings
+    with pytest.raises(ValueError, match="unknown argument"):
+        load_config("translation_real", "3d")
+    with pytest.raises(ValueError, match="model.discriminator"):
+        tm.build(ndim=2, discriminator=(4, 0), **TINY)
+
+
+@pytest.mark.skipif(not os.path.isdir(OPEN_MS), reason="needs ../shared/data/open_ms")
+def test_open_ms_slice_pairs():
+    """Real T2/FLAIR → T1 slice pairs: split by patient, the true field is exact (labels and T1 intensities pulled
+    by it), deterministic per index; bad data fields are ValueErrors naming them."""
+    c = load_config("translation_real")
+    c.data.folder = OPEN_MS
+    train, test = mt.make_dataset(c.data, split="train"), mt.make_dataset(c.data, split="test")
+    assert {p for p, _ in train.slices} == {"patient07"} and {p for p, _ in test.slices} == {"patient19"}
+    assert len(train.slices) > 20 and train.label_names == {1: "CSF", 2: "GM", 3: "WM"}
+    contrasts = set()
+    for i in range(4):
+        p = test.pair(i)
+        contrasts.add(p["contrast"])
+        assert p["fixed"].shape == p["moving"].shape == tuple(c.data.shape) and p["fixed"].dtype == np.float32
+        assert p["disp"].shape == tuple(c.data.shape) + (2,) and tuple(p["spacing"]) == (2.0, 2.0)
+        assert 0 <= p["fixed"].min() and p["fixed"].max() <= 1 and p["moving"].max() > 0.5
+        assert np.abs(p["disp"]).max() > 1.0  # something to register
+        # the labels are pulled exactly (nearest) through disp; T1 linearly
+        shape = p["fixed"].shape
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+        y = grid + p["disp"]
+        idx = np.rint(y).astype(int)
+        inside = np.all((idx >= 0) & (idx < np.array(shape)), axis=-1)
+        np.testing.assert_array_equal(p["fixed_labels"][inside], p["moving_labels"][tuple(idx[inside].T)])
+        vols = mt._open_ms_volumes(c.data.folder, "patient19", ("T1", "T2", "FLAIR"), 2.0)
+        t1 = preprocess.crop_or_pad(vols["T1"][:, :, p["slice"]], shape)
+        expected = ndimage.map_coordinates(t1.astype(np.float64), np.moveaxis(y, -1, 0), order=1, cval=0.0)
+        np.testing.assert_allclose(p["fixed"], np.clip(expected, 0, 1), atol=1e-5)
+    assert contrasts <= {"T2", "FLAIR"}
+    np.testing.assert_array_equal(test.pair(2)["moving"], test.pair(2)["moving"])
+    assert not np.array_equal(train.pair(0)["disp"], train.pair(1)["disp"])
+    for field, value, match in (("moving_contrasts", ("PD",), "data.moving_contrasts"),
+                                ("test_patients", (), "test_patients"), ("shape", (32, 32, 32), "data.shape")):
+        bad = load_config("translation_real")
+        bad.data.folder = OPEN_MS
+        bad.data[field] = value
+        with pytest.raises(ValueError, match=match):
+            mt.make_dataset(bad.data, split="test")

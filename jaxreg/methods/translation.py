@@ -8,33 +8,46 @@ registration network R predicts ``φ`` from ``(I_a, I_b)`` and a translation net
   ``L = w_tf ‖warp(T(I_a), φ) − I_b‖₁ + w_rf ‖T(warp(I_a, φ)) − I_b‖₁ + λ reg(φ)``
   (translate-first and register-first reconstructions; ‖·‖₁ is the mean absolute difference over voxels). T only
   sees ``I_a``, so it cannot undo the pair's deformation, and the register-first path punishes any fixed geometric
-  change T makes: T is pushed to translate intensities and keep geometry, R to register. The paper's adversarial
-  term (a discriminator making T's output look like modality B) is not implemented: T's target is the real
-  ``I_b`` through the two reconstruction paths. Without it T's output stays blurred while R is inaccurate (an L1
-  fit to a target still misaligned by R's error), which limits the method here (``configs/translation.py``).
+  change T makes: T is pushed to translate intensities and keep geometry, R to register. Without more, T's output
+  stays blurred while R is inaccurate (an L1 fit to a target still misaligned by R's error).
+  The paper's adversarial term (``loss.adversarial_weight`` ``w_adv`` > 0, needs ``model.discriminator``): a
+  patch discriminator D (``models.translation.PatchDiscriminator``) tells real modality-B images from ``T(I_a)``.
+  Least-squares GAN (LSGAN, Mao et al. 2017) losses, each the mean over D's patch logits:
+  generator ``L_adv = mean (D(T(I_a)) − 1)²`` (added to L as ``w_adv L_adv``, with D's parameters under
+  ``stop_gradient``) and discriminator ``L_D = ½ mean (D(I_b) − 1)² + ½ mean D(sg(T(I_a)))²`` (T's output under
+  ``stop_gradient``). The step minimises ``L + L_D`` with one optimiser (``training.fit`` is unchanged): R and T
+  get gradient from ``L`` only, D from ``L_D`` only, so one step is simultaneous gradient descent of both players.
+  The logged ``loss`` is that sum; ``adversarial`` is ``L_adv`` (unweighted), ``discriminator`` ``L_D``.
   ``loss.register_first_updates_r=False`` puts φ under ``stop_gradient`` in the register-first path, so that path
   trains T only.
 * any other name of ``losses.SIMILARITIES`` (``"ncc"``, ``"mi"``, ``"lncc"``, ``"nmi"``, ``"ngf"``, ...): the
   baseline, R alone with ``L = sim(I_b, warp(I_a, φ)) + λ reg(φ)`` directly across the two modalities (T's
-  parameters exist but are unused).
+  parameters exist but are unused; ``loss.adversarial_weight`` is ignored).
 
 ``reg`` is ``config.loss.regularizer`` on the dense field (the velocity when diffeomorphic); the affine variant of R
 needs none. ``λ`` is ``config.loss.reg_weights[objective]`` (the terms' scales differ between objectives).
 
-Data (``config.data.kind``): ``"mni_slice"`` (``synthetic.mni_slice_pair``, 2-D MNI152 slices, moving
-``contrast`` T2-like, known field), ``"synthetic"`` (``synthetic.synthetic_pair`` with ``same_contrast=False``:
-random contrasts per pair, which leaves T no fixed mapping to learn), ``"mni"`` (3-D ``synthetic.mni_pair``,
+Data (``config.data.kind``): ``"open_ms"`` (:class:`OpenMSSlices`: real T1 / T2 / FLAIR axial slices of
+``open_ms`` patients, split by patient, known field; ``configs/translation_real.py``), ``"mni_slice"``
+(``synthetic.mni_slice_pair``, 2-D MNI152 slices, moving ``contrast`` T2-like, known field), ``"synthetic"``
+(``synthetic.synthetic_pair`` with ``same_contrast=False``: random contrasts per pair, which leaves T no fixed
+mapping to learn), ``"mni"`` (3-D ``synthetic.mni_pair``,
 ``contrast="t2"``; it returns no true field, so TRE is not measured there, Dice only). Training and test pairs come
 from ``data.seed`` and ``data.test_seed``.
 
 Evaluation (``evaluation``, run by ``evaluate.py``): on ``eval.num_pairs`` held-out pairs, for R trained in
-``workdir`` and the baselines ``eval.baselines`` (trained in ``eval.baseline_dirs[name]``, default ``WORKDIR_<name>``; missing ones are skipped
-and listed), plus no registration and, optionally, the classical engine (``optimize.PRESETS[eval.classical_preset]``,
-empty to skip): landmark TRE in mm, Dice (labels 1..K-1, mean and per label), % folding voxels, seconds per pair.
+``workdir`` and the baselines ``eval.baselines`` (trained in ``eval.baseline_dirs[name]``, default
+``WORKDIR_<name>``; missing ones are skipped and listed), plus no registration and, optionally, the classical
+engine (``optimize.PRESETS[eval.classical_preset]``, empty to skip): landmark TRE in mm, Dice (labels 1..K-1, or the
+dataset's ``label_names``; mean and per label), % folding voxels, seconds per pair (for the translation run this
+includes computing ``T L1``).
 Landmarks: ``eval.landmarks`` points drawn (seeded per pair) among the fixed image's label-boundary voxels at
 least ``eval.landmark_margin`` voxels from the border; their true moving positions are ``p + disp_true(p)``, and
 ``TRE = ‖(p + disp_pred(p)) − (p + disp_true(p))‖`` in mm (``metrics.tre``). For the translation run the table also
 gives ``T L1``: ``mean |T(warp(I_a, disp_true)) − I_b|`` (how well T maps A to B once the geometry is right).
+Where the true field is known, ``EPE (mm)`` is the mean end-point error ``‖disp_pred(x) − disp_true(x)‖`` (mm) over
+the fixed image's labelled (brain) voxels. The paired tests compare the trained R with each baseline found (TRE,
+EPE, Dice).
 """
 from __future__ import annotations
 
@@ -48,12 +61,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import losses, optimize, spatial, training
-from jaxreg.data import datasets, synthetic
+from jaxreg.data import datasets, preprocess, synthetic
 from jaxreg.methods import Evaluation
 from jaxreg.models import translation as tmodels
 
 OBJECTIVES = ("translation",) + tuple(losses.SIMILARITIES)
-DATA_KINDS = ("mni_slice", "synthetic", "mni")
+DATA_KINDS = ("mni_slice", "synthetic", "mni", "open_ms")
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -94,12 +107,115 @@ class GeneratedPairs:
         return out
 
 
+class OpenMSSlices:
+    """2-D multimodal pairs from axial slices of real ``open_ms`` brains, with a known field.
+
+    The volumes: ``multimodal.open_ms_volumes(folder, patient, resolution=resolution)`` of each of ``patients``
+    (co-registered contrasts in [0, 1], tissue labels 0 bg, 1 CSF, 2 GM, 3 WM, 4 lesion), cached per process.
+    Usable slices: axial ``vol[:, :, z]`` whose brain area (labels > 0) is at least ``min_brain_fraction`` of the
+    patient's largest slice's. Pair ``i`` (generator ``np.random.default_rng([seed, i])``) draws a usable slice (of
+    any patient of the split), a moving contrast among ``moving_contrasts`` and a motion as
+    ``synthetic.mni_slice_pair`` does: a random affine about the grid centre (rotation up to 10°, scaling ±10 %,
+    translation ±8 mm, all times ``affine_scale``) plus a smooth deformation (largest vector ``deform_scale``
+    voxels, control spacing ``deform_spacing_mm``), a map ``y(x) = x + disp(x)``. Slices are centre-cropped/padded
+    to ``shape`` first. The moving image is the ``moving_contrast`` slice as stored; the fixed image is the
+    ``fixed_contrast`` slice pulled through the map (``fixed[x] = T1(x + disp(x))``, linear; labels nearest), so
+    ``disp`` is the exact pull field of the pair, ``fixed[x] ≈ moving[x + disp(x)]`` up to the contrast, with no
+    field inversion. (Equivalently the moving anatomy is displaced by the inverse map relative to the fixed one.)
+
+    ``pair(i)``: ``fixed``, ``moving`` ``shape`` float32 in [0, 1]; ``fixed_labels``, ``moving_labels`` int32;
+    ``disp`` ``(*shape, 2)`` float32 voxels; ``spacing`` ``(2,)`` mm; ``patient``, ``slice``, ``contrast``.
+    ``label_names``: the tissues scored (CSF, GM, WM; lesions are too small and sparse on 2-D slices).
+    """
+
+    label_names = {1: "CSF", 2: "GM", 3: "WM"}
+    num_labels = 5
+    CONTRASTS = ("T1", "T2", "FLAIR", "T1POST")
+
+    def __init__(self, folder, patients, shape, *, seed: int, fixed_contrast: str = "T1",
+                 moving_contrasts=("T2", "FLAIR"), resolution: float = 2.0, min_brain_fraction: float = 0.25,
+                 affine_scale: float = 1.0, deform_scale: float = 3.0, deform_spacing_mm: float = 16.0):
+        self.shape, self.seed = tuple(int(s) for s in shape), int(seed)
+        if len(self.shape) != 2 or min(self.shape) < 8:
+            raise ValueError(f"data.shape must be 2-D with sides >= 8 for data.kind='open_ms', got {self.shape}")
+        self.patients = tuple(str(p) for p in (patients or ()))
+        if not self.patients:
+            raise ValueError("data.train_patients / data.test_patients: no patient given for data.kind='open_ms'")
+        self.moving_contrasts = tuple(str(c) for c in (moving_contrasts or ()))
+        for name, values in (("data.fixed_contrast", (fixed_contrast,)), ("data.moving_contrasts",
+                                                                          self.moving_contrasts)):
+            if not values or any(v not in self.CONTRASTS for v in values):
+                raise ValueError(f"{name} must name contrasts among {self.CONTRASTS}, got {values}")
+        if not 0.0 <= float(min_brain_fraction) <= 1.0:
+            raise ValueError(f"data.min_brain_fraction must be in [0, 1], got {min_brain_fraction}")
+        if not float(resolution) > 0:
+            raise ValueError(f"data.resolution must be > 0 (mm), got {resolution}")
+        self.folder, self.fixed_contrast, self.resolution = str(folder), str(fixed_contrast), float(resolution)
+        self.motion = dict(affine_scale=float(affine_scale), deform_scale=float(deform_scale),
+                           deform_spacing_mm=float(deform_spacing_mm))
+        self.slices = []  # (patient, z)
+        for p in self.patients:
+            labels = self._volumes(p)["labels"]
+            area = (labels > 0).sum(axis=(0, 1))
+            self.slices += [(p, int(z)) for z in np.flatnonzero(area >= float(min_brain_fraction) * area.max())]
+
+    def _volumes(self, patient):
+        contrasts = tuple(dict.fromkeys((self.fixed_contrast,) + self.moving_contrasts))
+        return _open_ms_volumes(self.folder, patient, contrasts, self.resolution)
+
+    def __len__(self):
+        return 2**31 - 1
+
+    def pair(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(index)])
+        patient, z = self.slices[int(rng.integers(len(self.slices)))]
+        contrast = self.moving_contrasts[int(rng.integers(len(self.moving_contrasts)))]
+        vols = self._volumes(patient)
+        spacing = np.linalg.norm(np.asarray(vols["affine"])[:3, :2], axis=0)
+        sl = {k: preprocess.crop_or_pad(vols[k][:, :, z], self.shape)
+              for k in (self.fixed_contrast, contrast, "labels")}
+        shape, m = self.shape, self.motion
+        lin = synthetic._random_linear(rng, 2, 10.0 * m["affine_scale"], 0.10 * m["affine_scale"])
+        shift = rng.uniform(-8.0, 8.0, 2) / spacing * m["affine_scale"]
+        centre = (np.asarray(shape, np.float64) - 1) / 2
+        matrix = np.eye(3)
+        matrix[:2, :2] = lin
+        matrix[:2, 2] = centre - lin @ centre + shift
+        field = synthetic._scaled_field(rng, shape, 2, m["deform_spacing_mm"] / spacing.mean(), m["deform_scale"])
+        y = preprocess._coords(matrix, shape, shape) + np.moveaxis(field, -1, 0)
+        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+        fixed = synthetic._warp(sl[self.fixed_contrast].astype(np.float64), y, 1)
+        fixed_labels = synthetic._warp(sl["labels"], y, 0)
+        return {"fixed": np.clip(fixed, 0.0, 1.0).astype(np.float32),
+                "moving": sl[contrast].astype(np.float32),
+                "fixed_labels": fixed_labels.astype(np.int32), "moving_labels": sl["labels"].astype(np.int32),
+                "disp": np.moveaxis(y - grid, 0, -1).astype(np.float32), "spacing": spacing,
+                "patient": patient, "slice": z, "contrast": contrast}
+
+
+@functools.lru_cache(maxsize=8)
+def _open_ms_volumes(folder, patient, contrasts, resolution):
+    """``multimodal.open_ms_volumes``, cached per process (loading one patient takes about 2 s)."""
+    from jaxreg.data import multimodal
+
+    return multimodal.open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)
+
+
 def make_dataset(cfg, *, split: str = "train"):
     """The dataset of a config's ``data`` block (``kind`` in ``DATA_KINDS``) for ``split`` ("train" or "test")."""
     if cfg.kind not in DATA_KINDS:
         raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {cfg.kind!r}")
     seed = int(cfg.seed if split == "train" else cfg.test_seed)
     options = dict(cfg.options)
+    if cfg.kind == "open_ms":
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        patients = cfg.train_patients if split == "train" else cfg.test_patients
+        return OpenMSSlices(cfg.folder, tuple(patients), cfg.shape, seed=seed,
+                            fixed_contrast=cfg.get("fixed_contrast", "T1"),
+                            moving_contrasts=tuple(cfg.moving_contrasts),
+                            resolution=cfg.resolution, min_brain_fraction=cfg.get("min_brain_fraction", 0.25),
+                            **options)
     if cfg.kind == "mni":
         options.setdefault("contrast", "t2")
         return datasets.MNIPairs(tuple(cfg.shape), seed=seed, resolution=cfg.resolution, **options)
@@ -110,7 +226,7 @@ def make_dataset(cfg, *, split: str = "train"):
 def build_model(config, ndim: int) -> tmodels.TranslationRegistration:
     """R + T of ``config.model`` (``jaxreg.models.translation.build``) for ``ndim``-D images."""
     m = dict(config.model)
-    for k in ("encoder", "decoder", "affine_encoder", "translation_encoder", "translation_decoder"):
+    for k in ("encoder", "decoder", "affine_encoder", "translation_encoder", "translation_decoder", "discriminator"):
         if k in m:
             m[k] = tuple(m[k] or ())
     return tmodels.build(ndim=ndim, **m)
@@ -137,6 +253,7 @@ class Loss:
     translate_first_weight: float = 1.0
     register_first_weight: float = 1.0
     register_first_updates_r: bool = True
+    adversarial_weight: float = 0.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -144,17 +261,29 @@ class Loss:
         if self.regularizer is not None and self.regularizer not in losses.REGULARIZERS:
             raise ValueError(f"loss.regularizer must be one of {sorted(losses.REGULARIZERS)} or None, got "
                              f"{self.regularizer!r}")
+        if not self.adversarial_weight >= 0:
+            raise ValueError(f"loss.adversarial_weight must be >= 0, got {self.adversarial_weight}")
+        if self.adversarial and self.model.discriminator is None:
+            raise ValueError("loss.adversarial_weight > 0 needs a discriminator: set model.discriminator, e.g. "
+                             "(16, 32, 64)")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the adversarial term and D's loss are on (objective "translation", ``adversarial_weight > 0``)."""
+        return self.objective == "translation" and self.adversarial_weight > 0
 
     def example(self, params, moving, fixed) -> dict:
         """Terms of one unbatched pair (``moving`` = ``I_a``, ``fixed`` = ``I_b``, ``(*S)``): ``similarity``
         (weighted reconstruction sum, or the baseline similarity), ``translate_first``, ``register_first`` (0 for
-        baselines), ``regularizer`` and ``loss``."""
+        baselines), ``regularizer``, ``adversarial`` (``L_adv``) and ``discriminator`` (``L_D``) (0 when off),
+        and ``loss`` (``L + L_D``, module docstring)."""
         model, zero = self.model, jnp.zeros((), moving.dtype)
         out = model.apply(params, moving, fixed, method=tmodels.TranslationRegistration.register)
         if self.objective == "translation":
             translate = lambda x: model.apply(params, x, method=tmodels.TranslationRegistration.translate)  # noqa: E731
             disp = out["disp"] if self.register_first_updates_r else jax.lax.stop_gradient(out["disp"])
-            tf = l1(spatial.warp(translate(moving), out["disp"]), fixed)  # translate first: R(T(I_a), φ)
+            translated = translate(moving)
+            tf = l1(spatial.warp(translated, out["disp"]), fixed)  # translate first: R(T(I_a), φ)
             rf = l1(translate(spatial.warp(moving, disp)), fixed)  # register first: T(R(I_a, φ))
             sim = self.translate_first_weight * tf + self.register_first_weight * rf
         else:
@@ -162,14 +291,28 @@ class Loss:
             tf = rf = zero
         field = out.get("velocity")  # dense R only; the affine variant is not regularised
         reg = losses.REGULARIZERS[self.regularizer](field) if self.regularizer and field is not None else zero
+        adv = disc = zero
+        if self.adversarial:
+            critic = lambda p, x: model.apply(p, x, method=tmodels.TranslationRegistration.discriminate)  # noqa: E731
+            adv = jnp.mean((critic(_freeze_discriminator(params), translated) - 1.0) ** 2)  # trains T only
+            fake = jax.lax.stop_gradient(translated)
+            disc = 0.5 * (jnp.mean((critic(params, fixed) - 1.0) ** 2) + jnp.mean(critic(params, fake) ** 2))
         return {"similarity": sim, "translate_first": tf, "register_first": rf, "regularizer": reg,
-                "loss": sim + self.reg_weight * reg}
+                "adversarial": adv, "discriminator": disc,
+                "loss": sim + self.reg_weight * reg + self.adversarial_weight * adv + disc}
 
     def __call__(self, params, batch, key):
         del key
         terms = jax.vmap(lambda m, f: self.example(params, m, f))(batch["moving"], batch["fixed"])
         terms = {k: jnp.mean(v) for k, v in terms.items()}
         return terms.pop("loss"), terms
+
+
+def _freeze_discriminator(params):
+    """``params`` (``{"params": {...}}``) with the discriminator's subtree under ``stop_gradient``."""
+    inner = dict(params["params"])
+    inner["discriminator"] = jax.lax.stop_gradient(inner["discriminator"])
+    return {**params, "params": inner}
 
 
 def make_loss(config, ndim: int) -> Loss:
@@ -184,11 +327,13 @@ def make_loss(config, ndim: int) -> Loss:
                 regularizer=c.regularizer or None, reg_weight=float(weights[objective]),
                 translate_first_weight=float(c.translate_first_weight),
                 register_first_weight=float(c.register_first_weight),
-                register_first_updates_r=bool(c.register_first_updates_r))
+                register_first_updates_r=bool(c.register_first_updates_r),
+                adversarial_weight=float(c.get("adversarial_weight", 0.0)))
 
 
 # ------------------------------------------------------------------------------------------------------- fit
-LOG_COLUMNS = ("loss", "similarity", "translate_first", "register_first", "regularizer", "grad_norm")  # metrics.jsonl
+LOG_COLUMNS = ("loss", "similarity", "translate_first", "register_first", "regularizer", "adversarial",
+               "discriminator", "grad_norm")  # metrics.jsonl
 
 
 def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
@@ -278,7 +423,8 @@ def _runs(config, workdir):
 
 
 COLUMNS = (("tre_mm", "TRE (mm)", 3), ("tre_p90_mm", "TRE p90 (mm)", 3), ("dice_mean", "Dice", 3),
-           ("folding_pct", "% folding", 3), ("t_l1", "T L1", 3), ("seconds", "s / pair", 4))
+           ("epe_mm", "EPE (mm)", 3), ("folding_pct", "% folding", 3), ("t_l1", "T L1", 3),
+           ("seconds", "s / pair", 4))
 
 
 def evaluation(config, workdir) -> Evaluation:
@@ -308,6 +454,7 @@ def evaluation(config, workdir) -> Evaluation:
     if e.classical_preset:
         run[f"classical ({e.classical_preset} preset)"] = lambda p: {"disp": optimize.register(
             p["fixed"], p["moving"], options=optimize.PRESETS[e.classical_preset]).disp}
+    run = {name: functools.partial(_with_epe, fn) for name, fn in run.items()}
 
     def pair(i):
         p = dataset.pair(i)
@@ -319,6 +466,21 @@ def evaluation(config, workdir) -> Evaluation:
         return out
 
     note = "" if not missing else f"baselines not found (train them first): {', '.join(missing)}"
+    names = getattr(dataset, "label_names", None) or {k: str(k) for k in range(1, dataset.num_labels)}
+    paired = tuple((runs[0][0], label) for label, _, _ in runs[1:])
     return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run, measures=("dice", "jacobian", "tre"),
-                      label_names={k: str(k) for k in range(1, dataset.num_labels)}, columns=COLUMNS,
-                      info={"steps": steps, "missing": missing}, note=note)
+                      label_names=dict(names), columns=COLUMNS, paired=paired,
+                      paired_keys=("tre_mm", "epe_mm", "dice_mean"), info={"steps": steps, "missing": missing},
+                      note=note)
+
+
+def _with_epe(fn, p) -> dict:
+    """``fn(p)`` plus ``epe_mm`` (mean ``‖disp_pred − disp_true‖`` in mm over the fixed labels > 0) when the pair
+    has its true field."""
+    out = dict(fn(p))
+    if "disp" in p and "fixed_labels" in p:
+        mask = np.asarray(p["fixed_labels"]) > 0
+        err = (np.asarray(out["disp"], np.float64) - np.asarray(p["disp"], np.float64)) * np.asarray(p["spacing"])
+        if mask.any():
+            out["epe_mm"] = float(np.linalg.norm(err, axis=-1)[mask].mean())
+    return out

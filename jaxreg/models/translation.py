@@ -12,6 +12,8 @@ image, ``I_b`` (modality B) the fixed one.
 :class:`TranslationRegistration` wires them: ``__call__(moving, fixed)`` returns both reconstruction paths of the
 paper's loss, ``translate_first = warp(T(I_a), φ)`` (``R(T(I_a), φ)``) and ``register_first = T(warp(I_a, φ))``
 (``T(R(I_a, φ))``), each to be compared with ``I_b``. At test time only R is used (``method=...register``).
+* ``D`` (:class:`PatchDiscriminator`, optional): a PatchGAN-style critic of modality B images, for the paper's
+  adversarial term (real ``I_b`` against ``T(I_a)``); ``discriminate(image)`` runs it.
 
 Conventions: one unbatched example per call; images ``(*S)`` or ``(*S, C)`` channels last; ``disp`` ``(*S, ndim)``
 in voxels of the fixed grid, pull convention ``warped[x] = moving[x + disp(x)]``; ``S`` divisible by
@@ -107,17 +109,41 @@ class AffineNet(nn.Module):
         return {"disp": disp, "matrix": matrix, "warped": spatial.warp(moving, disp)}
 
 
+class PatchDiscriminator(nn.Module):
+    """PatchGAN-style discriminator ``D``: image ``(*S)`` or ``(*S, C)`` → map of logits ``(*S / 2**len(features))``.
+
+    ``len(features)`` strided 3^ndim convolutions (stride 2, LeakyReLU 0.2; no normalisation), then a 3^ndim
+    convolution ``"logits"`` to one channel (linear): each output scores one patch (receptive field about
+    ``2**(len(features)+2)`` voxels across) as real modality B (high) or translated (low). ``S`` divisible by
+    ``2 ** len(features)``. Output dtype: the input's.
+    """
+
+    ndim: int
+    features: Sequence[int] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, image):
+        x = _channels(image, self.ndim, "image")
+        for i, feat in enumerate(self.features):
+            x = nn.leaky_relu(Conv(int(feat), self.ndim, stride=2, name=f"conv{i}")(x), 0.2)
+        return Conv(1, self.ndim, name="logits")(x)[..., 0].astype(image.dtype)
+
+
 class TranslationRegistration(nn.Module):
     """R and T together (see module docstring); parameters ``{"registration": ..., "translation": ...}``.
 
     ``__call__(moving, fixed)`` (``moving`` = ``I_a``, ``fixed`` = ``I_b``, ``(*S)``): R's output dict (``disp``,
     ``warped``, and ``velocity`` for the dense variant or ``matrix`` for the affine one) plus ``translated``
     ``T(I_a)``, ``translate_first`` ``warp(T(I_a), disp)`` and ``register_first`` ``T(warp(I_a, disp))``, all
-    ``(*S)``. ``register(moving, fixed)`` runs R only; ``translate(image)`` runs T only.
+    ``(*S)``; with a discriminator also ``critic`` ``D(T(I_a))`` (the patch logits; ``__call__`` touches every
+    submodule, so ``model.init`` creates D's parameters). ``register(moving, fixed)`` runs R only;
+    ``translate(image)`` T only; ``discriminate(image)`` D only (``ValueError`` without a discriminator).
+    Parameters: ``{"registration", "translation"}`` plus ``"discriminator"`` when ``discriminator`` is set.
     """
 
     registration: nn.Module
     translation: nn.Module
+    discriminator: nn.Module | None = None
 
     def register(self, moving, fixed):
         return self.registration(moving, fixed)
@@ -125,24 +151,33 @@ class TranslationRegistration(nn.Module):
     def translate(self, image):
         return self.translation(image)
 
+    def discriminate(self, image):
+        if self.discriminator is None:
+            raise ValueError("discriminate: this model has no discriminator (build(..., discriminator=(16, 32, 64)))")
+        return self.discriminator(image)
+
     def __call__(self, moving, fixed):
         out = dict(self.registration(moving, fixed))
         translated = self.translation(moving)
         out["translated"] = translated
         out["translate_first"] = spatial.warp(translated, out["disp"])
         out["register_first"] = self.translation(out["warped"])
+        if self.discriminator is not None:
+            out["critic"] = self.discriminator(translated)
         return out
 
 
 def build(*, ndim: int, registration: str = "dense", preset: str | None = "vxm1", encoder=(), decoder=(),
           int_steps: int = 0, int_downsize: int = 1, affine_encoder=(16, 32, 32, 32), affine_hidden: int = 64,
-          translation_encoder=(16, 32, 32, 32), translation_decoder=(32, 32, 32, 32, 16, 16)
-          ) -> TranslationRegistration:
+          translation_encoder=(16, 32, 32, 32), translation_decoder=(32, 32, 32, 32, 16, 16),
+          discriminator=()) -> TranslationRegistration:
     """A :class:`TranslationRegistration`.
 
     ``registration="dense"``: R is ``models.build(ndim=, preset=, encoder=, decoder=, int_steps=, int_downsize=)``;
     ``"affine"``: R is ``AffineNet(ndim, affine_encoder, affine_hidden)``. T is
-    ``TranslationNet(ndim, translation_encoder, translation_decoder)``.
+    ``TranslationNet(ndim, translation_encoder, translation_decoder)``. ``discriminator``: the features of a
+    ``PatchDiscriminator`` D (e.g. ``(16, 32, 64)``), empty for none (the default: models without D keep their
+    parameter tree, so older checkpoints load).
     """
     if registration not in REGISTRATION_KINDS:
         raise ValueError(f"registration must be one of {REGISTRATION_KINDS}, got {registration!r}")
@@ -155,4 +190,10 @@ def build(*, ndim: int, registration: str = "dense", preset: str | None = "vxm1"
         reg = AffineNet(ndim=ndim, encoder=tuple(int(f) for f in affine_encoder), hidden=int(affine_hidden))
     trans = TranslationNet(ndim=ndim, encoder=tuple(int(f) for f in translation_encoder),
                            decoder=tuple(int(f) for f in translation_decoder))
-    return TranslationRegistration(registration=reg, translation=trans)
+    disc = None
+    if discriminator:
+        features = tuple(int(f) for f in discriminator)
+        if any(f < 1 for f in features):
+            raise ValueError(f"model.discriminator: features must be positive ints, got {tuple(discriminator)}")
+        disc = PatchDiscriminator(ndim=ndim, features=features)
+    return TranslationRegistration(registration=reg, translation=trans, discriminator=disc)

@@ -232,3 +232,132 @@ def test_classical_targets_are_residuals_of_the_prealignment():
     assert pairs["target"].shape == (1, 32, 32, 2) and pairs["mask"].all()
     np.testing.assert_allclose(pairs["target"], 0.0, atol=1e-4)
     assert not np.allclose(pairs["moving"][0], S.generate(c, split="train", index=0)["moving"])  # it was warped
+
+
+# ------------------------------------------------------------------------------------- real subjects (data.kind)
+def _fake_learning_set(folder, names=("1", "2", "3", "11", "12"), shape=(16, 12, 16)):
+    """A tiny learning set (``jaxreg.data.subjects`` layout) of blob 'brains' with label values 0, 3, 17, 1002 on a
+    2 mm grid; no real data needed."""
+    from jaxreg.data import io, subjects
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    for i, n in enumerate(names):
+        centre = np.array(shape) / 2 + rng.normal(0, 0.7, 3)
+        r = np.linalg.norm(grid - centre, axis=-1)
+        labels = np.where(r < 3, 3, np.where(r < 5, 17 if i % 2 else 1002, 0)).astype(np.int32)
+        image = np.clip(np.exp(-(r / 5.0) ** 2) + 0.05 * rng.random(shape), 0, 1)
+        subjects.write_subject(folder, n, image, labels)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    io.write_json(os.path.join(folder, subjects.INDEX), {
+        "version": subjects.VERSION, "template": {"shape": list(shape), "affine": affine.tolist()},
+        "settings": {}, "subjects": [{"name": n, "matrix": np.eye(4).tolist(), "source": {}} for n in names]})
+    return folder
+
+
+def _subjects_config(folder, **data):
+    c = _toy_config(steps=1, batch_size=4)
+    c.data = ml_collections.ConfigDict(dict(kind="subjects", path=str(folder), seed=0, test_seed=0, train_pairs=4,
+                                            shape=(16, 12, 16),
+                                            subjects={"train": ("1", "2", "3"), "test": ("11", "12")}))
+    c.data.update(data)
+    c.prealign, c.target, c.target_preset = "", "classical", "default"
+    c.sampling.update(mask="labels", mask_dilation=1)
+    c.model.update(features=(4, 4), dilations=(1, 1), radius=1, sim_features=(), sim_out=4, head=4)
+    c.eval.update(num_pairs=50, methods=("identity", "supervised"), spacing=())
+    return c
+
+
+def test_subjects_kind_draws_train_pairs_by_seed_and_every_test_pair(tmp_path):
+    c = _subjects_config(_fake_learning_set(str(tmp_path / "set")))
+    train = [S.generate(c, split="train", index=i) for i in range(4)]
+    names = [p["name"] for p in train]
+    assert len(set(names)) == 4  # distinct ordered pairs of subjects 1-3 only
+    assert all(set(n.split("->")) <= {"1", "2", "3"} and len(set(n.split("->"))) == 2 for n in names)
+    assert names == [S.generate(c, split="train", index=i)["name"] for i in range(4)]  # fixed by data.seed
+    c2 = _subjects_config(c.data.path, seed=1)
+    assert [S.generate(c2, split="train", index=i)["name"] for i in range(4)] != names
+    assert S.num_pairs(c, "test") == 2
+    test = [S.generate(c, split="test", index=i)["name"] for i in range(2)]
+    assert sorted(test) == ["11->12", "12->11"]
+    p = train[0]
+    assert p["fixed"].dtype == np.float32 and p["fixed"].shape == (16, 12, 16)
+    assert 0 <= p["fixed"].min() and p["moving"].max() <= 1
+    np.testing.assert_allclose(p["spacing"], 2.0)
+    assert set(np.unique(p["fixed_labels"])) <= {0, 1, 2, 3} and p["fixed_labels"].max() > 0  # classes, not values
+    assert S._label_names(c, 0) == {1: "3", 2: "17", 3: "1002"}  # the values, numbered over the test subjects
+    with pytest.raises(IndexError):
+        S.generate(c, split="test", index=2)
+    with pytest.raises(ValueError, match="data.train_pairs"):
+        S.generate(_subjects_config(c.data.path, train_pairs=7), split="train", index=0)  # 3 subjects: 6 pairs
+    with pytest.raises(ValueError, match="data.subjects"):
+        S.generate(_subjects_config(c.data.path, subjects={"train": ("1", "11"), "test": ("11", "12")}),
+                   split="train", index=0)
+
+
+def test_subjects_classical_targets_are_cached_and_reused(tmp_path, monkeypatch):
+    """The classical engine's fields are computed once per training pair and read back from workdir; the network
+    works on the downsized grid; the held-out evaluation scores the mean Dice over the regions."""
+    from types import SimpleNamespace
+
+    from jaxreg import optimize
+
+    c = _subjects_config(_fake_learning_set(str(tmp_path / "set")))
+    c.downsize = 2
+    u = np.array([1.0, -0.5, 0.25], np.float32)  # a constant total field (full-grid voxels)
+    calls = []
+
+    def fake_register(fixed, moving, options):
+        assert options is optimize.PRESETS["default"]
+        calls.append(1)
+        return SimpleNamespace(disp=jnp.broadcast_to(jnp.asarray(u), fixed.shape + (3,)))
+
+    monkeypatch.setattr(optimize, "register", fake_register)
+    workdir = str(tmp_path / "run")
+    S.fit(c, workdir, progress=False)
+    assert len(calls) == 4
+    cache = os.path.join(workdir, "train_pairs.npz")
+    with np.load(cache) as z:
+        assert z["target"].shape == (4, 8, 6, 8, 3) and z["fixed"].shape == (4, 8, 6, 8)
+        np.testing.assert_allclose(z["target"], np.broadcast_to(u / 2, z["target"].shape), atol=1e-6)  # coarse voxels
+        assert z["mask"].any() and z["target_seconds"].shape == (4,)
+    pairs = S.prepare_training_pairs(c, cache=cache)  # reused: no engine call
+    assert len(calls) == 4 and pairs["target"].shape == (4, 8, 6, 8, 3)
+    changed = _subjects_config(c.data.path, train_pairs=3)
+    changed.downsize = 2
+    assert S.prepare_training_pairs(changed, cache=cache)["fixed"].shape[0] == 3 and len(calls) == 7  # recomputed
+    result = evaluation.evaluate(c, workdir)
+    assert len(result["rows"]) == 2 * 2 and result["rows"][0]["seconds"] >= 0  # both ordered pairs of 11, 12
+    assert "Dice (mean over regions)" in result["markdown"] and "Dice 3" not in result["markdown"]
+    saved = json.load(open(os.path.join(workdir, "eval", "results.json")))
+    assert len(saved["target_seconds"]) == 3  # the cache as last written
+    fields = [S.make_predict(S.build_model(c, 3), sigma=0.0, downsize=2)]
+    assert fields[0](S.load(c, workdir, 3)[1], jnp.zeros((16, 12, 16)), jnp.zeros((16, 12, 16))).shape == (16, 12, 16, 3)
+
+
+def test_bad_downsize_is_rejected():
+    for bad in (0, 1.5, True):
+        c = _toy_config()
+        c.downsize = bad
+        with pytest.raises(ValueError, match="downsize"):
+            S.prepare_training_pairs(c)
+
+
+def test_real_config_split_and_targets():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "supervised_real.py")
+    spec = importlib.util.spec_from_file_location("supervised_real", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert c.data.kind == "subjects" and c.target == "classical" and c.target_preset == "default"
+    assert c.data.subjects.train == tuple(str(i) for i in range(1, 9))
+    assert c.data.subjects.test == tuple(str(i) for i in range(11, 15))
+    assert "classical" in c.eval.methods and "supervised" in c.eval.methods
+    if not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mindboggle20")):
+        pytest.skip("../shared/data/mindboggle20 is absent")
+    from jaxreg import atlas
+
+    assert len(atlas.records_from_config(c.data)) == 12  # every subject file of the split is there

@@ -8,7 +8,13 @@ Pipeline (``config`` fields in brackets; ``configs/supervised.py`` documents the
 
 1. **Pairs** [``data``]: pair ``i`` of a split comes from ``np.random.default_rng([seed, i])`` with ``data.seed``
    for training and ``data.test_seed`` for testing (``DATA_KINDS``: ``"mni_slice"`` 2-D MNI152 slices with their
-   true field, ``"synthetic"`` SynthMorph-style pairs with their true field, ``"mni"`` 3-D MNI152 pairs without one).
+   true field, ``"synthetic"`` SynthMorph-style pairs with their true field, ``"mni"`` 3-D MNI152 pairs without one),
+   or, for ``"subjects"``, from a learning set of real subjects affinely aligned to a template
+   (``jaxreg.data.subjects``, folder ``data.path``, built by ``jaxreg.atlas.prepare``; ``subject_pairs``): training
+   pair ``i`` is entry ``i`` of the ordered pairs of distinct ``data.subjects.train`` shuffled by ``data.seed``
+   (the first ``data.train_pairs``), test pair ``i`` is entry ``i`` of every ordered pair of
+   ``data.subjects.test`` in a fixed order. Images in [0, 1]; labels the learning set's label values numbered
+   ``0 .. K-1`` (0 background) over the subjects of the split; no true field.
 2. **Pre-alignment** [``prealign``]: as Cao et al. start from affinely aligned images, every pair is first
    registered by the classical engine's parametric stage (``optimize.PRESETS[prealign]``, default ``"affine"``):
    matrix ``A`` with field ``a(x)``; the network sees ``fixed`` and ``moving_a = warp(moving, a)``. An empty
@@ -31,11 +37,21 @@ Pipeline (``config`` fields in brackets; ``configs/supervised.py`` documents the
    composed with the affine. ``iterations > 1`` (not in the paper) re-applies the network to the moving image warped
    by the field so far and composes the increments.
 
+**Working resolution** [``downsize``, default 1]: with ``downsize = f > 1`` (not in the paper; a CPU budget for
+3-D volumes) the network works on a grid ``f`` times coarser: the pre-aligned images are ``spatial.downsample``-d
+(Gaussian sigma ``f / 2``, then resampled to ``spatial.level_shape(S, f)``), the residual targets
+``spatial.resize_disp``-d (vectors in coarse voxels) and the sampling mask is the downsampled mask ``> 0`` (the
+Gaussian makes it a little wider than the full-grid one); the dense prediction (and its smoothing, sigma in coarse
+voxels) runs on the coarse grid and its field is ``resize_disp``-d back to the full grid before the affine is
+composed.
+
 Evaluation (``evaluation``, run by ``evaluate.py``): on ``eval.num_pairs`` test pairs (other seed), every method of ``eval.methods``
 (``METHODS``) is run and scored with Dice and ASSD (mm) per label 1..K-1 (for MNI data CSF, GM, WM), the
 end-point error against the true field where one is known (mm, mean over the fixed foreground), % folding voxels
 and seconds per pair (after an untimed warm-up pair; Demons and the network include their affine stage). Paired
-tests (``jaxreg.evaluation.paired_tests``) compare the supervised network with every baseline per measure.
+tests (``jaxreg.evaluation.paired_tests``) compare the supervised network with every baseline per measure. For
+``data.kind="subjects"`` (~100 manual regions) the table has the mean Dice over the regions present in the fixed
+map (``jaxreg.evaluation.measure``), % folding, SD log |J| and seconds; no per-region columns and no ASSD.
 """
 from __future__ import annotations
 
@@ -55,10 +71,12 @@ from jaxreg.models import supervised as net_lib
 
 #: Evaluated methods: ``identity`` (no registration), ``affine`` (the pre-alignment alone), ``demons``
 #: (``jaxreg.demons.demons`` on the pre-aligned pair, options ``eval.demons``), ``diffeo`` (the classical engine,
-#: ``optimize.PRESETS[eval.classical_preset]``, its own affine stage included: the SyN stand-in), ``supervised``
+#: ``optimize.PRESETS[eval.classical_preset]``, its own affine stage included: the SyN stand-in), ``classical``
+#: (the classical engine with ``optimize.PRESETS[target_preset]``: the tool whose fields ``target="classical"``
+#: learns, its own affine stage included), ``supervised``
 #: (the network: ``predict.iterations`` passes, each smoothed by ``predict.sigma``) and ``supervised_raw`` (one pass,
 #: not smoothed).
-METHODS = ("identity", "affine", "demons", "diffeo", "supervised", "supervised_raw")
+METHODS = ("identity", "affine", "demons", "diffeo", "classical", "supervised", "supervised_raw")
 
 TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
 
@@ -90,24 +108,83 @@ def _mni(rng, cfg):
 
 
 #: ``data.kind`` → ``fn(rng, data_config) -> dict`` (fixed, moving, fixed_labels, moving_labels, spacing and, when
-#: known, the true ``disp``, pull convention ``fixed[x] ≈ moving[x + disp(x)]``).
+#: known, the true ``disp``, pull convention ``fixed[x] ≈ moving[x + disp(x)]``). The further kind ``"subjects"``
+#: (real subjects of a learning set, no true field) is drawn by index, not by a generator: ``subject_pairs``.
 DATA_KINDS = {"mni_slice": _mni_slice, "synthetic": _synthetic, "mni": _mni}
+KINDS = (*DATA_KINDS, "subjects")
+
+_SUBJECT_SETS: dict = {}  # (folder, names, index.json mtime) -> SubjectPairs: each learning set is read once
+
+
+def _subject_names(cfg, split: str) -> tuple:
+    names = {k: tuple(str(n) for n in cfg.subjects[k]) for k in ("train", "test")}
+    for k, v in names.items():
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError(f"data.subjects.{k} must list at least 2 distinct subjects, got {list(v)}")
+    shared = sorted(set(names["train"]) & set(names["test"]))
+    if shared:
+        raise ValueError(f"data.subjects: subjects {shared} are in both train and test")
+    return names[split]
+
+
+def subject_pairs(cfg, split: str):
+    """``(dataset, order)`` of a ``data.kind == "subjects"`` config's ``split``: the ``SubjectPairs`` of
+    ``data.subjects.<split>`` in ``data.path`` (fixed order, labels numbered over the split's subjects) and the
+    dataset indices of the split's pairs: for "train" the ordered pairs shuffled by ``np.random.default_rng(
+    data.seed)``, the first ``data.train_pairs`` of them; for "test" every ordered pair in the dataset's order."""
+    from jaxreg.data import subjects
+
+    names = _subject_names(cfg, split)
+    folder = os.fspath(cfg.path)
+    index_path = os.path.join(folder, subjects.INDEX)
+    key = (os.path.abspath(folder), names, os.path.getmtime(index_path) if os.path.isfile(index_path) else None)
+    if key not in _SUBJECT_SETS:
+        _SUBJECT_SETS.clear()  # one learning set at a time: they are large
+        _SUBJECT_SETS[key] = subjects.SubjectPairs(folder, subjects=names, mode="pairwise", shuffle=False)
+    dataset = _SUBJECT_SETS[key]
+    if dataset.labels is None:
+        raise ValueError(f"data.path {folder!r}: the subjects {list(names)} need label maps (sampling mask, Dice)")
+    n = len(dataset)
+    if split == "test":
+        return dataset, np.arange(n)
+    k = int(cfg.train_pairs)
+    if not 1 <= k <= n:
+        raise ValueError(f"data.train_pairs must be in [1, {n}] (the ordered pairs of data.subjects.train), got {k}")
+    return dataset, np.random.default_rng(int(cfg.seed)).permutation(n)[:k]
+
+
+def num_pairs(config, split: str) -> int | None:
+    """How many distinct pairs ``split`` has (``data.kind == "subjects"``), None for the generated kinds (any)."""
+    if config.data.kind != "subjects":
+        return None
+    return len(subject_pairs(config.data, split)[1])
 
 
 def generate(config, *, split: str, index: int) -> dict:
-    """Pair ``index`` of ``split`` ("train": ``data.seed``, "test": ``data.test_seed``), host NumPy arrays."""
+    """Pair ``index`` of ``split`` ("train": ``data.seed``, "test": ``data.test_seed``; ``"subjects"``:
+    ``subject_pairs``), host NumPy arrays: ``fixed``, ``moving`` ``(*S)`` float32, ``fixed_labels``,
+    ``moving_labels`` ``(*S)`` int, ``spacing`` ``(nd,)`` mm, ``disp`` ``(*S, nd)`` voxels when known (and, for
+    ``"subjects"``, ``name`` "moving->fixed")."""
     cfg = config.data
-    if cfg.kind not in DATA_KINDS:
-        raise ValueError(f"data.kind must be one of {sorted(DATA_KINDS)}, got {cfg.kind!r}")
+    if cfg.kind not in KINDS:
+        raise ValueError(f"data.kind must be one of {sorted(KINDS)}, got {cfg.kind!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    seed = int(cfg.seed if split == "train" else cfg.test_seed)
-    p = DATA_KINDS[cfg.kind](np.random.default_rng([seed, int(index)]), cfg)
+    if cfg.kind == "subjects":
+        dataset, order = subject_pairs(cfg, split)
+        if not 0 <= int(index) < len(order):
+            raise IndexError(f"{split} pair {index} of data.kind='subjects': there are {len(order)}")
+        p = dataset.pair(int(order[int(index)]))
+    else:
+        seed = int(cfg.seed if split == "train" else cfg.test_seed)
+        p = DATA_KINDS[cfg.kind](np.random.default_rng([seed, int(index)]), cfg)
     out = {k: np.asarray(p[k]) for k in ("fixed", "moving", "fixed_labels", "moving_labels")}
     out["fixed"], out["moving"] = out["fixed"].astype(np.float32), out["moving"].astype(np.float32)
     out["spacing"] = np.asarray(p.get("spacing", np.ones(out["fixed"].ndim)), np.float64)
     if p.get("disp") is not None:
         out["disp"] = np.asarray(p["disp"], np.float32)
+    if "name" in p:
+        out["name"] = str(p["name"])
     return out
 
 
@@ -156,9 +233,40 @@ def sampling_mask(config, fixed_labels) -> np.ndarray:
     return ndi.binary_dilation(mask, iterations=d) if d > 0 else mask
 
 
+def _downsize(config) -> int:
+    """``config.downsize`` (absent: 1), checked."""
+    f = config.get("downsize", 1)
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+        raise ValueError(f"downsize must be an integer >= 1, got {f!r}")
+    return int(f)
+
+
+def to_working_grid(factor: int, fixed, moving, target=None, mask=None) -> dict:
+    """Pair arrays on the network's grid for ``downsize = factor`` (module docstring), host NumPy float32/bool.
+
+    ``fixed``, ``moving``: ``(*S)``; ``target``: ``(*S, nd)`` residual (full-grid voxels); ``mask``: ``(*S)`` bool.
+    Returns the given ones on ``spatial.level_shape(S, factor)`` (``target`` in coarse voxels); ``factor`` 1: as
+    they are.
+    """
+    out = {"fixed": fixed, "moving": moving, "target": target, "mask": mask}
+    out = {k: v for k, v in out.items() if v is not None}
+    if factor == 1:
+        return {k: np.asarray(v) for k, v in out.items()}
+    nd = np.ndim(fixed)
+    coarse = spatial.level_shape(np.shape(fixed), factor)
+    res = {k: np.asarray(spatial.downsample(jnp.asarray(out[k], jnp.float32), factor)) for k in ("fixed", "moving")}
+    if "target" in out:
+        res["target"] = np.asarray(spatial.resize_disp(jnp.asarray(out["target"], jnp.float32), coarse))
+    if "mask" in out:
+        res["mask"] = np.asarray(spatial.downsample(jnp.asarray(out["mask"], jnp.float32), factor, ndim=nd)) > 0
+    return res
+
+
 def _fingerprint(config) -> str:
     keys = {"data": config.data.to_dict(), "prealign": config.prealign, "target": config.target,
             "target_preset": config.target_preset, "train_pairs": config.data.train_pairs}
+    if _downsize(config) != 1:
+        keys["downsize"] = _downsize(config)
     return json.dumps(keys, sort_keys=True, default=str)
 
 
@@ -166,10 +274,15 @@ def prepare_training_pairs(config, *, cache: str | None = None, progress: bool =
     """The training pairs, pre-aligned, with residual targets; ``dict`` of stacked host arrays.
 
     Keys: ``fixed``, ``moving`` (pre-aligned) ``(N, *S)`` float32, ``target`` ``(N, *S, nd)`` float32 residual
-    (voxels), ``mask`` ``(N, *S)`` bool (``sampling_mask``). ``N = data.train_pairs``. With ``cache`` (an ``.npz``
-    path) the arrays are read from it when it was made with the same data settings, else computed and written
-    there atomically.
+    (voxels), ``mask`` ``(N, *S)`` bool (``sampling_mask``), all on the network's grid (``downsize``: ``S`` is then
+    the coarse grid and the target in its voxels), ``target_seconds`` ``(N,)`` wall seconds of each
+    pair's target and pre-alignment (0 for true fields read from the generator). ``N = data.train_pairs``. With
+    ``cache`` (an ``.npz`` path) the arrays are read from it when it was made with the same data settings
+    (``data``, ``prealign``, ``target``, ``target_preset``), else computed and written there atomically: the
+    classical targets of a run are computed once.
     """
+    import time
+
     from jaxreg import optimize
     from jaxreg.data import io
 
@@ -177,13 +290,19 @@ def prepare_training_pairs(config, *, cache: str | None = None, progress: bool =
     if cache and os.path.isfile(cache):
         with np.load(cache) as z:
             if str(z["fingerprint"]) == fp:
-                return {k: z[k] for k in ("fixed", "moving", "target", "mask")}
+                out = {k: z[k] for k in ("fixed", "moving", "target", "mask")}
+                n = len(out["fixed"])
+                out["target_seconds"] = z["target_seconds"] if "target_seconds" in z.files else np.zeros(n)
+                return out
     if config.target not in ("true", "classical"):
         raise ValueError(f"target must be 'true' or 'classical', got {config.target!r}")
+    if config.target == "classical" and config.target_preset not in optimize.PRESETS:
+        raise ValueError(f"target_preset must be one of {sorted(optimize.PRESETS)}, got {config.target_preset!r}")
+    factor = _downsize(config)
     n = int(config.data.train_pairs)
     if n < 1:
         raise ValueError(f"data.train_pairs must be >= 1, got {n}")
-    out = {k: [] for k in ("fixed", "moving", "target", "mask")}
+    out = {k: [] for k in ("fixed", "moving", "target", "mask", "target_seconds")}
     it = range(n)
     if progress:
         from tqdm import tqdm
@@ -191,6 +310,7 @@ def prepare_training_pairs(config, *, cache: str | None = None, progress: bool =
         it = tqdm(it, desc="training pairs", unit="pair", leave=False)
     for i in it:
         p = generate(config, split="train", index=i)
+        t0 = time.perf_counter()
         if config.target == "true":
             if "disp" not in p:
                 raise ValueError(f"target='true' needs a known field, but data.kind={config.data.kind!r} has none; "
@@ -199,11 +319,13 @@ def prepare_training_pairs(config, *, cache: str | None = None, progress: bool =
         else:
             u = optimize.register(jnp.asarray(p["fixed"]), jnp.asarray(p["moving"]),
                                   options=optimize.PRESETS[config.target_preset]).disp
-        matrix, a, moving_a = prealign(config, p["fixed"], p["moving"])
-        out["fixed"].append(p["fixed"])
-        out["moving"].append(np.asarray(moving_a, np.float32))
-        out["target"].append(residual(matrix, a, u))
-        out["mask"].append(sampling_mask(config, p["fixed_labels"]))
+        matrix, a, moving_a = jax.block_until_ready(prealign(config, p["fixed"], p["moving"]))
+        u = np.asarray(u)
+        out["target_seconds"].append(time.perf_counter() - t0 if config.target == "classical" else 0.0)
+        grid = to_working_grid(factor, p["fixed"], np.asarray(moving_a, np.float32), residual(matrix, a, u),
+                               sampling_mask(config, p["fixed_labels"]))
+        for k, v in grid.items():
+            out[k].append(v)
     pairs = {k: np.stack(v) for k, v in out.items()}
     if cache:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
@@ -356,27 +478,37 @@ def load(config, workdir, ndim: int, *, step: int | None = None):
     return model, params, step
 
 
-def make_predict(model, *, sigma: float, iterations: int = 1):
+def make_predict(model, *, sigma: float, iterations: int = 1, downsize: int = 1):
     """Jitted ``predict(params, moving, fixed) -> (*S, nd)``: the dense residual, Gaussian-smoothed by ``sigma``.
 
     ``moving`` should be the pre-aligned moving image; the result is in voxels, pull convention, and is to be
     composed with the pre-alignment (``compose_residual``). ``iterations > 1`` repeats the prediction on the moving
     image warped by the field so far and composes the (smoothed) increments, ``r ← compose(r, Δr)`` (an extension:
-    Cao et al. predict once).
+    Cao et al. predict once). ``downsize = f > 1``: the images are downsampled by ``f`` first, everything above
+    happens on the coarse grid (``sigma`` in its voxels) and the field is resized back to ``(*S, nd)`` full-grid
+    voxels (``spatial.resize_disp``).
     """
-    sigma, iterations = float(sigma), int(iterations)
+    sigma, iterations, downsize = float(sigma), int(iterations), int(downsize)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if downsize < 1:
+        raise ValueError(f"downsize must be >= 1, got {downsize}")
 
     def one(params, moving, fixed):
         r = model.apply(params, moving, fixed)
         return spatial.gaussian_smooth(r, sigma, ndim=r.ndim - 1) if sigma > 0 else r
 
-    def predict(params, moving, fixed):
+    def coarse(params, moving, fixed):
         r = one(params, moving, fixed)
         for _ in range(iterations - 1):
             r = spatial.compose(r, one(params, spatial.warp(moving, r), fixed))
         return r
+
+    def predict(params, moving, fixed):
+        if downsize == 1:
+            return coarse(params, moving, fixed)
+        r = coarse(params, spatial.downsample(moving, downsize), spatial.downsample(fixed, downsize))
+        return spatial.resize_disp(r, moving.shape)
 
     return jax.jit(predict)
 
@@ -385,6 +517,8 @@ def make_predict(model, *, sigma: float, iterations: int = 1):
 def _label_names(config, num_labels):
     if config.data.kind in ("mni_slice", "mni"):
         return dict(TISSUES)
+    if config.data.kind == "subjects":  # the label values of the files, numbered over the test subjects
+        return dict(subject_pairs(config.data, "test")[0].label_names)
     return {k: f"label{k}" for k in range(1, num_labels)}
 
 
@@ -399,13 +533,22 @@ def evaluation(config, workdir) -> Evaluation:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"eval.methods: unknown {unknown}; choose from {METHODS}")
+    for field, preset, used in (("eval.classical_preset", e.classical_preset, "diffeo"),
+                                ("target_preset", config.target_preset, "classical")):
+        if used in names and preset not in optimize.PRESETS:
+            raise ValueError(f"{field} must be one of {sorted(optimize.PRESETS)}, got {preset!r}")
     first = generate(config, split="test", index=0)
     ndim = first["fixed"].ndim
     info = {}
     if any(m.startswith("supervised") for m in names):
         model, params, info["checkpoint_step"] = load(config, workdir, ndim)
+    cache = os.path.join(workdir, "train_pairs.npz")
+    if config.target == "classical" and os.path.isfile(cache):  # what the learned tool cost on the training pairs
+        with np.load(cache) as z:
+            if "target_seconds" in z.files:
+                info["target_seconds"] = [float(t) for t in z["target_seconds"]]
     num_labels = int(max(first["fixed_labels"].max(), first["moving_labels"].max())) + 1
-    label_names = _label_names(config, max(num_labels, int(config.data.num_labels)))
+    label_names = _label_names(config, max(num_labels, int(config.data.get("num_labels", 0) or 0)))
 
     def timed(fn):  # methods that start from the pre-alignment: its time is theirs, as a user would pay it
         return lambda p: {"disp": fn(p, *prealign(config, p["fixed"], p["moving"]))}
@@ -415,11 +558,13 @@ def evaluation(config, workdir) -> Evaluation:
            "demons": timed(lambda p, matrix, a, moving_a: compose_residual(
                matrix, a, demons_lib.demons(p["fixed"], moving_a, **dict(e.demons)))),
            "diffeo": lambda p: {"disp": optimize.register(p["fixed"], p["moving"],
-                                                          options=optimize.PRESETS[e.classical_preset]).disp}}
+                                                          options=optimize.PRESETS[e.classical_preset]).disp},
+           "classical": lambda p: {"disp": optimize.register(p["fixed"], p["moving"],
+                                                             options=optimize.PRESETS[config.target_preset]).disp}}
     for name, sigma, passes in (("supervised", float(config.predict.sigma), int(config.predict.iterations)),
                                 ("supervised_raw", 0.0, 1)):
         if name in names:
-            predict = _predictor(model, sigma, passes)
+            predict = _predictor(model, sigma, passes, _downsize(config))
             run[name] = timed(lambda p, matrix, a, moving_a, predict=predict: compose_residual(
                 matrix, a, predict(params, moving_a, p["fixed"])))
 
@@ -428,20 +573,29 @@ def evaluation(config, workdir) -> Evaluation:
         spacing = tuple(e.spacing) or tuple(p["spacing"])
         return {**p, "fixed": jnp.asarray(p["fixed"]), "moving": jnp.asarray(p["moving"]), "spacing": spacing}
 
-    columns = [(f"dice/{v}", f"Dice {v}", 3) for v in label_names.values()] + [("dice_mean", "Dice mean", 3)]
-    columns += [(f"assd/{v}", f"ASSD {v} (mm)", 2) for v in label_names.values()]
-    keys = ["dice_mean"] + [f"dice/{v}" for v in label_names.values()] + [f"assd/{v}" for v in label_names.values()]
-    if "disp" in first:
-        columns.append(("epe_mm", "EPE (mm)", 2))
-        keys.append("epe_mm")
-    columns += [("folding_pct", "% folding", 2), ("seconds", "s / pair", 3)]
+    num = int(e.num_pairs)
+    if config.data.kind == "subjects":  # ~100 regions: their mean only, no surface distances
+        num = min(num, num_pairs(config, "test"))
+        columns = [("dice_mean", "Dice (mean over regions)", 3), ("folding_pct", "% folding", 3),
+                   ("sdlogj", "SD log J", 3), ("seconds", "s / pair", 3)]
+        keys, measures = ["dice_mean"], ("dice", "jacobian")
+    else:
+        columns = [(f"dice/{v}", f"Dice {v}", 3) for v in label_names.values()] + [("dice_mean", "Dice mean", 3)]
+        columns += [(f"assd/{v}", f"ASSD {v} (mm)", 2) for v in label_names.values()]
+        keys = ["dice_mean"] + [f"dice/{v}" for v in label_names.values()]
+        keys += [f"assd/{v}" for v in label_names.values()]
+        if "disp" in first:
+            columns.append(("epe_mm", "EPE (mm)", 2))
+            keys.append("epe_mm")
+        columns += [("folding_pct", "% folding", 2), ("seconds", "s / pair", 3)]
+        measures = ("dice", "assd", "jacobian", "epe")
     baselines = [m for m in names if m not in ("identity", "supervised", "supervised_raw")]
     paired = tuple(("supervised", b) for b in baselines) if "supervised" in names else ()
-    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods={n: run[n] for n in names},
-                      measures=("dice", "assd", "jacobian", "epe"), label_names=label_names,
+    return Evaluation(pairs=pair, num_pairs=num, methods={n: run[n] for n in names},
+                      measures=measures, label_names=label_names,
                       columns=tuple(columns), paired=paired, paired_keys=tuple(keys), info=info)
 
 
 @functools.lru_cache(maxsize=8)
-def _predictor(model, sigma, iterations):
-    return make_predict(model, sigma=sigma, iterations=iterations)
+def _predictor(model, sigma, iterations, downsize=1):
+    return make_predict(model, sigma=sigma, iterations=iterations, downsize=downsize)

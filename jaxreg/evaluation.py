@@ -293,7 +293,7 @@ def run(spec, *, figures: int = 0, figure_dir=None, progress=None) -> list[dict]
     return rows
 
 
-def evaluate(config, workdir, *, out=None, progress: bool = False) -> dict:
+def evaluate(config, workdir, *, out=None, progress: bool = False, extra=None) -> dict:
     """Evaluate the method of ``config`` (``config.method``) trained in ``workdir`` on held-out pairs.
 
     The method's ``evaluation(config, workdir)`` says what to run (``jaxreg.methods.Evaluation``); this runs it
@@ -301,11 +301,16 @@ def evaluate(config, workdir, *, out=None, progress: bool = False) -> dict:
     ``workdir/eval``), ``results.csv`` (one row per pair and method), ``results.json`` (rows, summary, tests, the
     method's info and the config) and ``results.md`` (the tables), each atomically, and with matplotlib
     ``figures/`` for the first ``config.eval.figures`` pairs. Returns ``{"rows", "summary", "tests",
-    "markdown"}``.
+    "markdown"}``. ``extra``: ``{name: fn(pair) -> {"disp": ...}}``, further methods run on the same pairs (e.g. a
+    peer toolkit, from a benchmark script), each paired with every baseline of the method's paired tests.
     """
     from jaxreg import methods
 
     spec = methods.get(config.method).evaluation(config, workdir)
+    if extra:
+        baselines = tuple(dict.fromkeys(b for _, b in spec.paired))
+        spec = spec._replace(methods={**spec.methods, **extra},
+                             paired=spec.paired + tuple((name, b) for name in extra for b in baselines))
     out = os.fspath(out or os.path.join(workdir, "eval"))
     try:
         import matplotlib  # noqa: F401

@@ -386,7 +386,7 @@ def load(checkpoint) -> tuple[PatchSimilarity, dict]:
     return _load(path, step)
 
 
-def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str = "score"):
+def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str | None = None):
     """The learned similarity as a registration loss (a similarity callable for ``optimize.register``'s
     ``metric``); lower is better.
 
@@ -395,8 +395,11 @@ def metric(fixed, warped, *, checkpoint, mask=None, stride: int = 1, form: str =
     become constants of the caller's compiled program (the engine caches that program by its options, so a model
     retrained into the same folder is picked up by a new process, not by the one that already used it).
     ``mask``, ``stride``, ``form``: see ``jaxreg.models.learned_metric.dense_similarity`` (``"score"``: minus the mean
-    logit over all patches).
+    logit over all patches; ``"nll"``: the mean negative log-probability of alignment); None: the form the model was
+    evaluated with (``eval.form`` of its training config, saved in ``model.json``), else ``"score"``.
     """
+    if form is None:
+        form = _read_info(os.path.abspath(os.fspath(checkpoint))).get("form", "score")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     model, params = load(checkpoint)
@@ -468,6 +471,7 @@ def fit(config, workdir, *, stop_at: int | None = None, progress: bool = True):
         vdir = variant_dir(workdir, k)
         os.makedirs(vdir, exist_ok=True)
         info = {"ndim": ndim, "model": _model_kwargs(config), "patch_size": model.patch_size, "k": k,
+                "form": config.eval.form,
                 "train": {**json.loads(t.to_json()), "augment": dataclasses.asdict(aug)},
                 "data": json.loads(config.data.to_json())}
         _write_json_atomic(os.path.join(vdir, MODEL_FILE), info)
@@ -538,9 +542,9 @@ def evaluation(config, workdir) -> Evaluation:
         else:
             raise ValueError(f"config.eval.methods: unknown method {name!r}; choose from identity, learned, "
                              f"{', '.join(losses.SIMILARITIES)} (each also as NAME_masked)")
-    unknown = sorted(set(overrides) - {n.removesuffix("_masked") for n in e.methods})
+    unknown = sorted(set(overrides) - {"learned", *losses.SIMILARITIES})
     if unknown:
-        raise ValueError(f"config.eval.overrides names methods that are not evaluated: {unknown}")
+        raise ValueError(f"config.eval.overrides names unknown methods {unknown}; use learned or a similarity name")
 
     def pair(i):
         p = make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)

@@ -52,9 +52,11 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def get_config(variant: str = "t2"):
     c = learned_metric.get_config()
+    if variant == "prostate":
+        return _prostate(c)
     contrast = {"t2": "T2", "flair": "FLAIR"}.get(variant or "t2")
     if contrast is None:
-        raise ValueError(f"unknown config variant {variant!r}; use 't2' or 'flair'")
+        raise ValueError(f"unknown config variant {variant!r}; use 't2', 'flair' or 'prostate'")
     c.data = ml_collections.ConfigDict()
     c.data.kind = "open_ms"
     c.data.folder = DATA
@@ -89,5 +91,36 @@ def get_config(variant: str = "t2"):
     # (0.76 at 3 with brain masks), MI 0.64 at 30 on that pair
     c.eval.overrides = ml_collections.ConfigDict({"mi": {"reg_weight": 10.0}, "nmi": {"reg_weight": 3.0},
                                                   "ngf": {"reg_weight": 3.0}, "mind": {"reg_weight": 0.3},
+                                                  "learned": {"reg_weight": 30.0}})
+    return c
+
+
+def _prostate(c):
+    """MR (moving) → TRUS (fixed): ``prostate_mr_trus`` cases 0–9 train (MR aligned to TRUS by their gland masks),
+    10–19 test (unregistered, identity world map). 0.4 mm grids of 44×59×41: pyramid scales 1 and 2 only."""
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "prostate"
+    c.data.folder = os.path.join(os.path.dirname(DATA), "prostate_mr_trus")
+    c.data.train_cases = tuple(range(10))
+    c.data.test_cases = tuple(range(10, 20))
+    c.data.num_train_pairs = 10
+    c.data.seed = 0
+    c.data.test_seed = 0  # unused: the test pairs are the cases themselves
+    c.data.foreground = "labels"  # patch centres near the gland
+    c.model.features = (8, 8, 8, 8)
+    c.model.hidden = (32,)
+    c.train.ks = (10,)
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.scales = (1, 2)
+    c.train.schedule = "cosine"
+    c.eval.num_pairs = 10
+    c.eval.methods = ("identity", "mi", "ngf", "learned")
+    c.eval.form = "nll"
+    c.eval.register = ml_collections.ConfigDict(dict(
+        transform="affine", affine_metric="mi", affine_metric_options={"bins": 32}, affine_levels=(2, 1),
+        deformable="disp", levels=(2, 1), iterations=(80, 40), regularizer="diffusion", reg_weight=0.3))
+    # the brains' choices (T2 variant), not tuned on these cases
+    c.eval.overrides = ml_collections.ConfigDict({"mi": {"reg_weight": 10.0}, "ngf": {"reg_weight": 3.0},
                                                   "learned": {"reg_weight": 30.0}})
     return c

@@ -286,3 +286,16 @@ def test_committed_real_metric_prefers_aligned_t2_of_the_held_out_patient():
 
     aligned, shifted = scores(f, m)
     assert np.all(float(aligned) < np.asarray(shifted) - 0.5), (aligned, shifted)  # measured: 3.4 vs 4.4-5.2
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "prostate_mr_trus")), reason="no ../shared/data")
+def test_real_prostate_test_pairs_are_the_unregistered_cases_on_the_trus_grid():
+    from jaxreg import metrics
+
+    c = load_config("learned_metric_real", "prostate")
+    assert set(c.data.train_cases).isdisjoint(c.data.test_cases) and c.data.num_train_pairs == len(c.data.train_cases)
+    p = lm.make_pair(c.data, seed=c.data.test_seed, index=0, aligned=False)  # case 10
+    assert p["fixed"].shape == p["moving"].shape == p["moving_labels"].shape == (44, 59, 41)
+    assert 0.0 <= p["moving"].min() and p["moving"].max() <= 1.0 and p["fixed_labels"].sum() > 100
+    dice = metrics.dice(p["fixed_labels"], p["moving_labels"], labels=[1])[1]
+    assert 0.05 < dice < 0.9  # unregistered: the glands overlap only in part

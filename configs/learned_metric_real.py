@@ -32,7 +32,10 @@ Measured (2026-12-01, T2 → T1, 6 test pairs, mean ± std; raw ``benchmarks/res
 The learned metric is worse than MI on all 6 pairs (Wilcoxon p = 0.031): close to MI on the training patient, it
 does not transfer to the held-out one. FLAIR → T1 (``:flair``, the same weights reused; raw
 ``benchmarks/results/metric_real_flair_2026-12-01.json``, methods identity, MI, NGF, learned, ANTsPy): MI 0.860 /
-0.56 mm, NGF 0.876 / 0.51, learned 0.770 / 0.88 (worse than MI on 6/6), ANTsPy MI 0.764 / 1.02.
+0.56 mm, NGF 0.876 / 0.51, learned 0.770 / 0.88 (worse than MI on 6/6), ANTsPy MI 0.764 / 1.02. MR → TRUS
+(``:prostate``: cases 0–9 train, aligned by their gland masks; 10–19 test; raw
+``benchmarks/results/metric_real_prostate_2026-12-01.json``): gland Dice MI 0.445, NGF 0.452, learned 0.430
+(p = 0.32 against MI), ANTsPy MI 0.256.
 
 The weights behind the table are committed as ``benchmarks/models/openms_t2_metric`` (CC-BY data), usable as
 ``jaxreg register T1.nii.gz T2.nii.gz -o out --preset multimodal --metric learned --metric-checkpoint

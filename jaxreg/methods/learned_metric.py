@@ -99,6 +99,8 @@ def make_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
     * ``"open_ms"``: real co-registered contrasts of ``open_ms`` patients (``_open_ms_pair``): fixed
       ``data.fixed_contrast`` (T1), moving one of ``data.moving_contrasts``, tissue classes of T1 as labels;
       training pairs from ``data.train_patients``, test pairs from ``data.test_patients`` moved by a known motion.
+    * ``"prostate"``: real MR (moving) ↔ TRUS (fixed) cases on the TRUS grid (``_prostate_pair``): training pairs
+      ``data.train_cases`` aligned by their gland masks, test pairs ``data.test_cases`` unregistered; gland labels.
     * ``"synthetic"``: the label maps and field of ``synthetic.synthetic_pair`` (2-D or 3-D ``data.shape``),
       rendered in two *fixed* modalities: label ``l`` has intensity ``A[l]`` in the fixed image and ``B[l]`` in the
       moving one, with ``A, B`` drawn once from ``data.contrast_seed`` (a consistent modality pair, as T1/T2), plus
@@ -128,8 +130,8 @@ def make_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
     if data.kind == "open_ms":
         return _open_ms_pair(data, seed=seed, index=index, aligned=aligned)
     if data.kind == "prostate":
-        return _prostate_pair(os.fspath(data.folder), int(tuple(data.train_cases if aligned else data.test_cases)[
-            index % len(tuple(data.train_cases if aligned else data.test_cases))]), aligned=aligned)
+        cases = tuple(data.train_cases if aligned else data.test_cases)
+        return _prostate_pair(os.fspath(data.folder), int(cases[index % len(cases)]), aligned=aligned)
     raise ValueError(f"config.data.kind must be 'mni_slice', 'synthetic', 'open_ms' or 'prostate', got {data.kind!r}")
 
 

@@ -55,6 +55,7 @@ PEERS = {"ants_mi": ants_mi}
 def main(argv):
     del argv
     from jaxreg import evaluation
+    from jaxreg.data import io
 
     unknown = sorted(set(FLAGS.peers) - set(PEERS))
     if unknown:
@@ -66,10 +67,7 @@ def main(argv):
     record = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
               "git": bench_real._git(), "versions": bench_real._versions(), "config": json.loads(config.to_json()),
               **{k: result[k] for k in ("rows", "summary", "tests")}, "table_md": result["markdown"]}
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1, default=float)
-    os.replace(tmp, FLAGS.out)
+    io.write_json(FLAGS.out, record)
     print(result["markdown"])
 
 

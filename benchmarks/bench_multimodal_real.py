@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
         print(f"skipped: no data folder {args.data}")
         return 0
     from jaxreg import world
-    from jaxreg.data import multimodal
+    from jaxreg.data import io, multimodal
 
     methods = args.methods.split(",")
     record = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
@@ -99,10 +98,7 @@ def main(argv=None) -> int:
               "rows": []}
 
     def save():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, default=float)
-        os.replace(tmp, args.out)
+        io.write_json(args.out, record)
 
     for case in cases(args.data, args.cases, args.resolution, args.seeds, args.limit):
         print(f"{case.name}: fixed {case.fixed.shape}, moving {case.moving.shape}", flush=True)

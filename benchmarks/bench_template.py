@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from jaxreg import groupwise, optimize, world
-    from jaxreg.data import preprocess
+    from jaxreg.data import io, preprocess
 
     subjects, targets = _ids(args.subjects), _ids(args.targets)
     vols = {s: bench_real.load(args.data, s, args.resolution) for s in subjects + targets}
@@ -120,10 +119,7 @@ def main(argv=None) -> int:
               "mode": args.mode, "affine_rounds": args.affine_rounds, "rounds": args.rounds}
 
     def save():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, default=float)
-        os.replace(tmp, args.out)
+        io.write_json(args.out, record)
 
     if args.ants:
         record["ants"] = ants_template(vols, subjects, args.ants)

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from conftest import load_config
 from jaxreg import evaluation, losses, metrics, training
-from jaxreg.data import preprocess, synthetic
+from jaxreg.data import multimodal, preprocess, synthetic
 from jaxreg.methods import translation as mt
 from jaxreg.models import translation as tm
 
@@ -336,7 +336,7 @@ def test_open_ms_slice_pairs():
         idx = np.rint(y).astype(int)
         inside = np.all((idx >= 0) & (idx < np.array(shape)), axis=-1)
         np.testing.assert_array_equal(p["fixed_labels"][inside], p["moving_labels"][tuple(idx[inside].T)])
-        vols = mt._open_ms_volumes(c.data.folder, "patient19", ("T1", "T2", "FLAIR"), 2.0)
+        vols = multimodal.open_ms_volumes_cached(c.data.folder, "patient19", ("T1", "T2", "FLAIR"), 2.0)
         t1 = preprocess.crop_or_pad(vols["T1"][:, :, p["slice"]], shape)
         expected = ndimage.map_coordinates(t1.astype(np.float64), np.moveaxis(y, -1, 0), order=1, cval=0.0)
         np.testing.assert_allclose(p["fixed"], np.clip(expected, 0, 1), atol=1e-5)

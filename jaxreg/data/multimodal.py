@@ -15,6 +15,7 @@ Nothing here needs the data to import; the loaders name the missing file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import nibabel as nib
@@ -94,6 +95,16 @@ def prostate_cases(folder, *, cases=None) -> list[Case]:
     return out
 
 
+def _grid_at(vol: io.Volume, resolution: float):
+    """``(shape, affine)`` of a grid of ``resolution`` mm voxels with ``vol``'s corner voxel, axes and field of view
+    (rounded up)."""
+    factor = float(resolution) / np.asarray(vol.spacing, np.float64)
+    shape = tuple(int(np.ceil(n / s)) for n, s in zip(vol.shape, factor))
+    aff = vol.affine.copy()
+    aff[:3, :3] = vol.affine[:3, :3] * factor
+    return shape, aff
+
+
 def smooth_motion(shape, spacing, *, seed: int = 0, rotation_deg: float = 8.0, shift_mm: float = 6.0,
                   scale: float = 0.05, deform_mm: float = 3.0, sigma_mm: float = 20.0) -> np.ndarray:
     """A random affine (rotations up to ``rotation_deg``, translations up to ``shift_mm``, scales within
@@ -162,10 +173,7 @@ def open_ms_case(folder, patient: str, *, fixed: str = "T1", moving: str = "T2",
     m = io.load(_need(os.path.join(base, f"{moving}.nii.gz")))
     les = io.load_labels(_need(os.path.join(base, "lesions.nii.gz")))
     if resolution:
-        factor = float(resolution) / np.asarray(f.spacing, np.float64)
-        shape = tuple(int(np.ceil(n / s)) for n, s in zip(f.shape, factor))
-        aff = f.affine.copy()
-        aff[:3, :3] = f.affine[:3, :3] * factor
+        shape, aff = _grid_at(f, resolution)
         f = preprocess.resample_to(f, shape, aff)
         m = preprocess.resample_to(m, shape, aff)
         les = preprocess.resample_to(les, shape, aff, order=0)
@@ -222,12 +230,7 @@ def open_ms_volumes(folder, patient: str, *, contrasts=("T1", "T2", "FLAIR"), re
         if v.shape != ref.shape or not np.allclose(v.affine, ref.affine, atol=1e-3):
             raise ValueError(f"{base}: {n} is not on T1's grid ({v.shape} vs {ref.shape}); open_ms cross-sectional "
                              f"contrasts are co-registered")
-    shape, aff = ref.shape, ref.affine
-    if resolution:
-        factor = float(resolution) / np.asarray(ref.spacing, np.float64)
-        shape = tuple(int(np.ceil(n / s)) for n, s in zip(ref.shape, factor))
-        aff = ref.affine.copy()
-        aff[:3, :3] = ref.affine[:3, :3] * factor
+    shape, aff = _grid_at(ref, resolution) if resolution else (ref.shape, ref.affine)
     data = {n: np.asarray(preprocess.resample_to(v, shape, aff).data, np.float32) for n, v in vols.items()}
     lesions = np.asarray(preprocess.resample_to(les, shape, aff, order=0).data) > 0
     idx = np.argwhere(data["T1"] > 0)
@@ -244,6 +247,13 @@ def open_ms_volumes(folder, patient: str, *, contrasts=("T1", "T2", "FLAIR"), re
     crop[:3, 3] = lo
     out["affine"] = aff @ crop
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def open_ms_volumes_cached(folder: str, patient: str, contrasts: tuple, resolution: float | None) -> dict:
+    """``open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)``, kept per process (loading a
+    patient takes seconds and the learned methods draw from it at every pair): treat the arrays as read-only."""
+    return open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)
 
 
 def score(case: Case, reg) -> dict:

@@ -166,13 +166,6 @@ def _prostate_pair(folder: str, case: int, *, aligned: bool) -> dict:
             "spacing": np.asarray(c.fixed.spacing, np.float32)}
 
 
-@functools.lru_cache(maxsize=8)
-def _open_ms(folder: str, patient: str, contrasts: tuple, resolution: float) -> dict:
-    from jaxreg.data import multimodal
-
-    return multimodal.open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)
-
-
 def open_ms_combos(data, *, aligned: bool) -> list[tuple[str, str]]:
     """The ``(patient, moving contrast)`` of the ``"open_ms"`` pairs of a split: ``data.train_patients`` (aligned
     training pairs) or ``data.test_patients``, each with every ``data.moving_contrasts``."""
@@ -191,8 +184,9 @@ def _open_ms_pair(data, *, seed: int, index: int, aligned: bool) -> dict:
 
     combos = open_ms_combos(data, aligned=aligned)
     patient, contrast = combos[index % len(combos)]
-    vols = _open_ms(os.fspath(data.folder), patient, (data.fixed_contrast, *tuple(data.moving_contrasts)),
-                    float(data.resolution))
+    vols = multimodal.open_ms_volumes_cached(os.fspath(data.folder), patient,
+                                             (data.fixed_contrast, *tuple(data.moving_contrasts)),
+                                             float(data.resolution))
     spacing = np.linalg.norm(vols["affine"][:3, :3], axis=0).astype(np.float32)
     if aligned:
         return {"fixed": vols[data.fixed_contrast], "moving": vols[contrast], "fixed_labels": vols["labels"],

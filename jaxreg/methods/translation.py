@@ -161,7 +161,9 @@ class OpenMSSlices:
 
     def _volumes(self, patient):
         contrasts = tuple(dict.fromkeys((self.fixed_contrast,) + self.moving_contrasts))
-        return _open_ms_volumes(self.folder, patient, contrasts, self.resolution)
+        from jaxreg.data import multimodal
+
+        return multimodal.open_ms_volumes_cached(self.folder, patient, contrasts, self.resolution)
 
     def __len__(self):
         return 2**31 - 1
@@ -191,14 +193,6 @@ class OpenMSSlices:
                 "fixed_labels": fixed_labels.astype(np.int32), "moving_labels": sl["labels"].astype(np.int32),
                 "disp": np.moveaxis(y - grid, 0, -1).astype(np.float32), "spacing": spacing,
                 "patient": patient, "slice": z, "contrast": contrast}
-
-
-@functools.lru_cache(maxsize=8)
-def _open_ms_volumes(folder, patient, contrasts, resolution):
-    """``multimodal.open_ms_volumes``, cached per process (loading one patient takes about 2 s)."""
-    from jaxreg.data import multimodal
-
-    return multimodal.open_ms_volumes(folder, patient, contrasts=contrasts, resolution=resolution)
 
 
 def make_dataset(cfg, *, split: str = "train"):
@@ -454,7 +448,6 @@ def evaluation(config, workdir) -> Evaluation:
     if e.classical_preset:
         run[f"classical ({e.classical_preset} preset)"] = lambda p: {"disp": optimize.register(
             p["fixed"], p["moving"], options=optimize.PRESETS[e.classical_preset]).disp}
-    run = {name: functools.partial(_with_epe, fn) for name, fn in run.items()}
 
     def pair(i):
         p = dataset.pair(i)
@@ -468,19 +461,8 @@ def evaluation(config, workdir) -> Evaluation:
     note = "" if not missing else f"baselines not found (train them first): {', '.join(missing)}"
     names = getattr(dataset, "label_names", None) or {k: str(k) for k in range(1, dataset.num_labels)}
     paired = tuple((runs[0][0], label) for label, _, _ in runs[1:])
-    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run, measures=("dice", "jacobian", "tre"),
+    return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run,
+                      measures=("dice", "jacobian", "tre", "epe"),
                       label_names=dict(names), columns=COLUMNS, paired=paired,
                       paired_keys=("tre_mm", "epe_mm", "dice_mean"), info={"steps": steps, "missing": missing},
                       note=note)
-
-
-def _with_epe(fn, p) -> dict:
-    """``fn(p)`` plus ``epe_mm`` (mean ``‖disp_pred − disp_true‖`` in mm over the fixed labels > 0) when the pair
-    has its true field."""
-    out = dict(fn(p))
-    if "disp" in p and "fixed_labels" in p:
-        mask = np.asarray(p["fixed_labels"]) > 0
-        err = (np.asarray(out["disp"], np.float64) - np.asarray(p["disp"], np.float64)) * np.asarray(p["spacing"])
-        if mask.any():
-            out["epe_mm"] = float(np.linalg.norm(err, axis=-1)[mask].mean())
-    return out

@@ -76,9 +76,13 @@ DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                      "open_ms"))
 
 
+#: the prostate MR ↔ TRUS folder: ``<repository>/../shared/data/prostate_mr_trus``
+PROSTATE = os.path.join(os.path.dirname(DATA), "prostate_mr_trus")
+
+
 def get_config(arg: str = ""):
-    if arg:
-        raise ValueError(f"configs/translation_real.py: unknown argument {arg!r}; it takes none")
+    if arg not in ("", "prostate"):
+        raise ValueError(f"configs/translation_real.py: unknown argument {arg!r}; use ':prostate' or nothing")
     c = translation.get_config()
     c.data = ml_collections.ConfigDict()
     c.data.kind = "open_ms"
@@ -106,4 +110,20 @@ def get_config(arg: str = ""):
     c.eval.num_pairs = 40
     c.eval.baselines = ("mi", "ngf")
     c.eval.baseline_dirs = ml_collections.ConfigDict({"mi": "", "ngf": ""})  # default WORKDIR_mi, WORKDIR_ngf
+    if arg == "prostate":
+        c.data = ml_collections.ConfigDict()
+        c.data.kind = "prostate"
+        c.data.folder = PROSTATE
+        c.data.train_cases = tuple(range(10))
+        c.data.test_cases = tuple(range(10, 20))
+        c.data.resolution = 0.8  # mm: the TRUS field of view (44×59×41 at 0.4 mm) on 22×30×21 voxels
+        c.data.shape = (32, 32, 32)  # padded for the U-Nets' four halvings
+        c.data.seed = 0
+        c.data.test_seed = 1_000_000
+        c.data.options = ml_collections.ConfigDict({"rotation_deg": 5.0, "shift_mm": 1.5, "scale": 0.05,
+                                                    "deform_mm": 1.0, "sigma_mm": 6.0})  # training augmentation
+        c.train.batch_size = 2
+        c.train.steps = 1000
+        c.train.log_every = 20
+        c.eval.num_pairs = 10
     return c

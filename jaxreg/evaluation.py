@@ -100,7 +100,9 @@ def measure(pair, disp, *, measures, label_names, spacing) -> dict:
     labels (NaN-ignoring): the labels present in the fixed map (Dice, Jaccard; a region lost by the warp scores 0)
     and in both maps (HD95, ASSD); ``folding_pct`` (% of voxels with det J <= 0) and ``sdlogj`` (``"jacobian"``);
     ``epe_mm`` (mean end-point error over the fixed foreground, when the pair has the true ``disp``); ``tre_mm``,
-    ``tre_p90_mm`` (when it has ``landmarks`` and ``disp``).
+    ``tre_p90_mm`` (when it has ``landmarks``, ``(N, ndim)`` voxel positions on the fixed grid, and either their
+    ``moving_landmarks`` ``(N, ndim)`` or the true ``disp``: ``|p + disp(p) - q|`` mm, ``disp(p)`` interpolated
+    linearly, ``q`` the moving landmark or ``p + disp_true(p)``).
     """
     import jax.numpy as jnp
 
@@ -133,13 +135,27 @@ def measure(pair, disp, *, measures, label_names, spacing) -> dict:
     if "epe" in measures and true is not None:
         err = (disp64 - np.asarray(true, np.float64)) * np.asarray(spacing, np.float64)
         row["epe_mm"] = float(np.linalg.norm(err, axis=-1)[fl > 0].mean())
-    if "tre" in measures and true is not None and pair.get("landmarks") is not None:
-        points = np.asarray(pair["landmarks"])
-        idx = tuple(points.T)
-        p = points.astype(np.float64)
-        err = metrics.tre(p + disp64[idx], p + np.asarray(true, np.float64)[idx], spacing=spacing)
-        row.update(tre_mm=float(err.mean()), tre_p90_mm=float(np.percentile(err, 90)), landmarks=len(points))
+    if "tre" in measures and pair.get("landmarks") is not None and (
+            true is not None or pair.get("moving_landmarks") is not None):
+        p = np.asarray(pair["landmarks"], np.float64)
+        if pair.get("moving_landmarks") is not None:  # corresponding points, e.g. a real case's landmarks
+            target = np.asarray(pair["moving_landmarks"], np.float64)
+        else:  # the true field at the points
+            target = p + _at(np.asarray(true, np.float64), p)
+        if target.shape != p.shape:
+            raise ValueError(f"the pair's moving_landmarks {target.shape} do not match its landmarks {p.shape}")
+        err = metrics.tre(p + _at(disp64, p), target, spacing=spacing)
+        row.update(tre_mm=float(err.mean()), tre_p90_mm=float(np.percentile(err, 90)), landmarks=len(p))
     return row
+
+
+def _at(field, points):
+    """``field`` ``(*S, C)`` at ``points`` ``(N, ndim)`` voxel positions: linear interpolation (exact at integer
+    points), edge values outside."""
+    from scipy import ndimage
+
+    return np.stack([ndimage.map_coordinates(field[..., c], points.T, order=1, mode="nearest")
+                     for c in range(field.shape[-1])], -1)
 
 
 def paired_tests(rows, *, pairs, keys) -> list[dict]:

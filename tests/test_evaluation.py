@@ -34,6 +34,28 @@ def test_measure_against_numpy(rng):
         evaluation.measure(pair, true, measures=("dice", "nonsense"), label_names=names, spacing=(1, 1))
 
 
+def test_tre_of_corresponding_landmarks_interpolates_the_field():
+    """A real case's landmarks: fixed points and their moving counterparts (no true field); off-grid points read
+    the field by linear interpolation."""
+    fl = np.zeros((8, 10), np.int32)
+    fl[2:6, 3:8] = 1
+    p = np.array([[2.5, 3.0], [4.0, 6.25]])
+    q = p + np.array([[1.0, -2.0], [0.5, 0.5]])
+    pair = {"fixed_labels": fl, "moving_labels": fl, "landmarks": p, "moving_landmarks": q}
+    zero = evaluation.measure(pair, np.zeros((8, 10, 2), np.float32), measures=("tre",), label_names={1: "a"},
+                              spacing=(2.0, 1.0))
+    expected = np.mean([np.hypot(2.0 * 1.0, 1.0 * 2.0), np.hypot(2.0 * 0.5, 0.5)])
+    assert zero["tre_mm"] == pytest.approx(expected) and zero["landmarks"] == 2 and "epe_mm" not in zero
+    ramp = np.zeros((8, 10, 2), np.float32)  # disp(x) = (0.5 x0, 0): at x0 = 2.5 it is 1.25, between voxels
+    ramp[..., 0] = 0.5 * np.arange(8)[:, None]
+    row = evaluation.measure(pair, ramp, measures=("tre",), label_names={1: "a"}, spacing=(2.0, 1.0))
+    err = [np.hypot(2.0 * (0.5 * x0 - d0), d1) for (x0, _), (d0, d1) in zip(p, q - p)]
+    assert row["tre_mm"] == pytest.approx(np.mean(err))
+    with pytest.raises(ValueError, match="moving_landmarks"):
+        evaluation.measure({**pair, "moving_landmarks": q[:1]}, ramp, measures=("tre",), label_names={1: "a"},
+                           spacing=(1.0, 1.0))
+
+
 def test_paired_tests_and_markdown():
     rows = []
     for i in range(8):

@@ -44,6 +44,43 @@ def test_the_true_motion_scores_perfectly_and_the_identity_does_not():
     assert bad["tre_mm"] == pytest.approx(np.linalg.norm(true_mm[10, 12, 9])) and bad["dice_blob"] < good["dice_blob"]
 
 
+def _box(shape, centre, half):
+    m = np.zeros(shape, np.uint8)
+    m[tuple(slice(c - h, c + h + 1) for c, h in zip(centre, half))] = 1
+    return m
+
+
+def test_prostate_arrays_put_the_grid_centres_together_and_follow_the_landmarks():
+    """A case built by hand: the moving box sits 2, 0, -1 voxels off its grid's centre, so from the "centre" start
+    it sits as far off the fixed grid's centre; the landmark positions follow crop/pad and resampling."""
+    fixed_aff, moving_aff = np.diag([0.4, 0.4, 0.4, 1.0]), np.diag([0.4, 0.4, 0.4, 1.0])
+    fixed_aff[:3, 3], moving_aff[:3, 3] = (10.0, -3.0, 5.0), (-7.0, 2.0, 0.4)
+    fixed_shape, moving_shape = (11, 13, 9), (15, 17, 13)  # centres (5, 6, 4) and (7, 8, 6)
+    fixed_box, moving_box = _box(fixed_shape, (4, 7, 4), (2, 2, 1)), _box(moving_shape, (9, 8, 5), (2, 3, 2))
+    world = lambda aff, v: (aff @ np.r_[v, 1.0])[:3]  # noqa: E731
+    marks = np.array([[world(fixed_aff, (4, 7, 4)), world(moving_aff, (9, 8, 5))]])
+    case = multimodal.Case("prostate_000099", io.Volume(fixed_box * 200, fixed_aff),
+                           io.Volume(moving_box * 90 + 10, moving_aff),
+                           {"gland": (io.Volume(fixed_box, fixed_aff), io.Volume(moving_box, moving_aff))}, marks)
+    for kwargs, offset, scale in (({}, 0, 1.0), ({"shape": (16, 12, 12)}, np.array([2, 0, 1]), 1.0),
+                                  ({"resolution": 0.8, "shape": (8, 8, 8)}, np.array([1, 0, 1]), 0.5)):
+        p = multimodal.prostate_arrays(case, **kwargs)
+        assert p["fixed"].shape == p["moving_labels"].shape == kwargs.get("shape", fixed_shape)
+        assert p["fixed"].dtype == np.float32 and 0 <= p["moving"].min() and p["moving"].max() == 1.0
+        np.testing.assert_allclose(p["landmarks"][0], np.array([4, 7, 4]) * scale + offset, atol=1e-9)
+        np.testing.assert_allclose(p["moving_landmarks"][0], (np.array([5, 6, 4]) + [2, 0, -1]) * scale + offset,
+                                   atol=1e-9)
+        np.testing.assert_allclose(p["spacing"], 0.4 / scale)
+        if scale == 1.0:  # the resampled masks are where the landmarks say
+            np.testing.assert_allclose(np.argwhere(p["fixed_labels"]).mean(0), p["landmarks"][0], atol=1e-9)
+            np.testing.assert_allclose(np.argwhere(p["moving_labels"]).mean(0), p["moving_landmarks"][0], atol=1e-9)
+    np.testing.assert_allclose(p["start"][:3, 3], world(moving_aff, (7, 8, 6)) - world(fixed_aff, (5, 6, 4)))
+    ident = multimodal.prostate_arrays(case, start="identity")
+    np.testing.assert_allclose(ident["moving_landmarks"][0], np.linalg.solve(fixed_aff, np.r_[marks[0, 1], 1])[:3])
+    with pytest.raises(ValueError, match="start"):
+        multimodal.prostate_arrays(case, start="mass")
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "prostate_mr_trus")), reason="no ../shared/data")
 def test_prostate_cases_load_with_gland_and_two_landmarks():
     case, gland_only = multimodal.prostate_cases(os.path.join(DATA, "prostate_mr_trus"), cases=[0, 2])

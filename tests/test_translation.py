@@ -308,6 +308,9 @@ def test_open_ms_config_without_data():
     assert all(n % 16 == 0 for n in c.data.shape)  # the U-Nets' four halvings
     with pytest.raises(ValueError, match="unknown argument"):
         load_config("translation_real", "3d")
+    p = load_config("translation_real", "prostate")
+    assert p.data.kind == "prostate" and set(p.data.train_cases).isdisjoint(p.data.test_cases)  # split by case
+    assert len(p.data.shape) == 3 and all(n % 16 == 0 for n in p.data.shape) and p.loss.adversarial_weight > 0
     with pytest.raises(ValueError, match="model.discriminator"):
         tm.build(ndim=2, discriminator=(4, 0), **TINY)
 
@@ -350,3 +353,36 @@ def test_open_ms_slice_pairs():
         bad.data[field] = value
         with pytest.raises(ValueError, match=match):
             mt.make_dataset(bad.data, split="test")
+
+
+PROSTATE = os.path.join(ROOT, "..", "shared", "data", "prostate_mr_trus")
+
+
+@pytest.mark.skipif(not os.path.isdir(PROSTATE), reason="needs ../shared/data/prostate_mr_trus")
+def test_prostate_pairs():
+    """Real MR → TRUS 3-D pairs: test pairs are the held-out cases as they are (gland, landmarks whose zero-field
+    TRE is the world distance after the centre start); training pairs are training cases moved at random."""
+    c = load_config("translation_real", "prostate")
+    c.data.folder = PROSTATE
+    c.data.test_cases = (11, 10)  # case 10 has the gland only
+    test, train = mt.make_dataset(c.data, split="test"), mt.make_dataset(c.data, split="train")
+    p = test.pair(0)
+    assert p["case"] == 11 and test.pair(3)["case"] == 10 and len(test) == 2 and "landmarks" not in test.pair(1)
+    assert p["fixed"].shape == p["moving"].shape == p["fixed_labels"].shape == tuple(c.data.shape)
+    assert 0 <= p["moving"].min() and p["moving"].max() <= 1 and p["fixed_labels"].sum() > 100
+    assert "disp" not in p and p["landmarks"].shape == p["moving_landmarks"].shape == (2, 3)
+    row = evaluation.measure(p, np.zeros(p["fixed"].shape + (3,)), measures=("dice", "tre"),
+                             label_names=test.label_names, spacing=p["spacing"])
+    (case,) = multimodal.prostate_cases(PROSTATE, cases=[11])
+    shift = multimodal.prostate_arrays(case)["start"][:3, 3]
+    world = np.linalg.norm(case.landmarks[:, 0] + shift - case.landmarks[:, 1], axis=-1).mean()
+    assert row["tre_mm"] == pytest.approx(world, abs=1e-6) and 0.2 < row["dice"]["gland"] < 0.95
+    q0, q1 = train.pair(0), train.pair(1)
+    assert {q0["case"], q1["case"]} <= set(range(10)) and not np.array_equal(q0["moving"], q1["moving"])
+    assert q0["moving"].dtype == np.float32 and q0["moving_labels"].dtype == np.int32
+    np.testing.assert_array_equal(train.pair(0)["moving"], q0["moving"])  # deterministic per index
+    bad = load_config("translation_real", "prostate")
+    bad.data.folder = PROSTATE
+    bad.data.test_cases = (10, 42)
+    with pytest.raises(ValueError, match=r"cases \[42\] not found"):
+        mt.make_dataset(bad.data, split="test")

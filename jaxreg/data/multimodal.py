@@ -95,6 +95,64 @@ def prostate_cases(folder, *, cases=None) -> list[Case]:
     return out
 
 
+START_MAPS = ("centre", "identity")
+
+
+def prostate_arrays(case: Case, *, start: str = "centre", resolution: float | None = None, shape=None) -> dict:
+    """A prostate case as arrays on its TRUS (fixed) grid: the pair dict of ``jaxreg.methods.Evaluation``.
+
+    The MR and its gland mask are resampled onto the fixed grid (linear / nearest) through a start map fixed world
+    -> moving world, a translation: ``start="centre"`` brings the two grids' centres together (the images are
+    centred on the gland: over the 20 cases the glands' Dice is 0.61 from this start, 0.32 from the identity and
+    0.52 from the images' centres of mass), ``"identity"`` is the world identity (the two grids share their first
+    corner). ``resolution``: the fixed image too is resampled, onto a grid of that many mm with its field of view
+    (``_grid_at``) [its own grid]. Both images are normalised to [0, 1] (``preprocess.normalize``). ``shape``:
+    centre-crop/pad both to it (the landmark positions follow) [the grid's].
+
+    Returns ``fixed``, ``moving`` ``(*S)`` float32; ``fixed_labels``, ``moving_labels`` ``(*S)`` int32 (gland 1);
+    ``spacing`` ``(3,)`` mm; ``start`` the ``(4, 4)`` start map; and, when the case has landmarks, ``landmarks`` and
+    ``moving_landmarks`` ``(K, 3)`` float64: each blob's centroid as a voxel position of the returned grid, in the
+    fixed image and (through the start map) in the moving one, so that a field ``disp`` that aligns the pair has
+    ``landmarks + disp(landmarks) ≈ moving_landmarks``.
+    """
+    if start not in START_MAPS:
+        raise ValueError(f"start must be one of {START_MAPS}, got {start!r}")
+    fixed_gland, moving_gland = case.masks["gland"]
+    shift = np.zeros(3)
+    if start == "centre":
+        centre = lambda v: (v.affine @ np.r_[(np.asarray(v.shape, np.float64) - 1) / 2, 1.0])[:3]  # noqa: E731
+        shift = centre(case.moving) - centre(case.fixed)
+    start_map = np.eye(4)
+    start_map[:3, 3] = shift
+    fixed, fixed_gland = case.fixed, fixed_gland
+    if resolution is not None:
+        if not float(resolution) > 0:
+            raise ValueError(f"resolution must be > 0 (mm), got {resolution}")
+        target = _grid_at(fixed, float(resolution))
+        fixed, fixed_gland = (preprocess.resample_to(v, *target, order=o) for v, o in ((fixed, 1), (fixed_gland, 0)))
+    grid = start_map @ fixed.affine  # fixed voxel -> moving world
+    out = {"fixed": preprocess.normalize(np.asarray(fixed.data, np.float32)),
+           "moving": preprocess.normalize(preprocess.resample_to(case.moving, fixed.shape, grid).data),
+           "fixed_labels": (np.asarray(fixed_gland.data) > 0).astype(np.int32),
+           "moving_labels": (np.asarray(preprocess.resample_to(moving_gland, fixed.shape, grid,
+                                                               order=0).data) > 0).astype(np.int32)}
+    offset = np.zeros(3)
+    if shape is not None:
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != 3:
+            raise ValueError(f"shape must be 3-D, got {shape}")
+        out = {k: preprocess.crop_or_pad(v, shape) for k, v in out.items()}
+        offset = np.array([(s - n) // 2 if s > n else -((n - s) // 2) for n, s in zip(fixed.shape, shape)],
+                          np.float64)  # crop_or_pad's: an odd difference goes at the end
+    out.update(spacing=np.asarray(fixed.spacing, np.float32), start=start_map)
+    if case.landmarks is not None:
+        to_voxel = np.linalg.inv(fixed.affine)
+        for key, pts, mapping in (("landmarks", case.landmarks[:, 0], to_voxel),
+                                  ("moving_landmarks", case.landmarks[:, 1], np.linalg.inv(grid))):
+            out[key] = np.stack([(mapping @ np.r_[p, 1.0])[:3] for p in pts]) + offset
+    return out
+
+
 def _grid_at(vol: io.Volume, resolution: float):
     """``(shape, affine)`` of a grid of ``resolution`` mm voxels with ``vol``'s corner voxel, axes and field of view
     (rounded up)."""

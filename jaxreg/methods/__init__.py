@@ -42,7 +42,8 @@ class Evaluation(NamedTuple):
 
     pairs: ``pairs(i) -> dict`` for ``0 <= i < num_pairs``: ``fixed``, ``moving`` ``(*S)`` float32 (device arrays),
       ``fixed_labels``, ``moving_labels`` ``(*S)`` int, ``spacing`` (mm per axis) and, when known, ``disp``
-      ``(*S, ndim)`` the true field (voxels, pull convention) and ``landmarks`` ``(N, ndim)`` fixed-grid voxels.
+      ``(*S, ndim)`` the true field (voxels, pull convention), ``landmarks`` ``(N, ndim)`` fixed-grid voxels and
+      ``moving_landmarks`` ``(N, ndim)`` their corresponding points (TRE needs one of ``disp`` and these).
     num_pairs: how many test pairs.
     methods: ``{name: fn(pair) -> dict}`` in table order; the dict holds ``disp`` ``(*S, ndim)`` (voxels, pull) and
       optionally further per-pair measures (floats) that go into the row as they are.

@@ -150,19 +150,17 @@ def _prostate_pair(folder: str, case: int, *, aligned: bool) -> dict:
     from jaxreg.data import io, multimodal, preprocess
 
     (c,) = multimodal.prostate_cases(folder, cases=[case])
+    if not aligned:
+        p = multimodal.prostate_arrays(c, start="identity")
+        return {k: p[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels", "spacing")}
     fixed_gland, moving_gland = c.masks["gland"]
-    if aligned:
-        reg = world.register_images(*(io.Volume(np.asarray(v.data, np.float32), v.affine)
-                                      for v in (fixed_gland, moving_gland)),
-                                    preset="default", metric="mse", metric_options={}, affine_metric="mse",
-                                    affine_metric_options={}, normalize=False)
-        moving, moving_labels = reg.apply(c.moving).data, reg.apply(moving_gland, labels=True).data
-    else:
-        moving = preprocess.resample_to(c.moving, c.fixed.shape, c.fixed.affine).data
-        moving_labels = preprocess.resample_to(moving_gland, c.fixed.shape, c.fixed.affine, order=0).data
-    return {"fixed": preprocess.normalize(c.fixed.data), "moving": preprocess.normalize(moving),
+    reg = world.register_images(*(io.Volume(np.asarray(v.data, np.float32), v.affine)
+                                  for v in (fixed_gland, moving_gland)),
+                                preset="default", metric="mse", metric_options={}, affine_metric="mse",
+                                affine_metric_options={}, normalize=False)
+    return {"fixed": preprocess.normalize(c.fixed.data), "moving": preprocess.normalize(reg.apply(c.moving).data),
             "fixed_labels": (np.asarray(fixed_gland.data) > 0).astype(np.int32),
-            "moving_labels": (np.asarray(moving_labels) > 0).astype(np.int32),
+            "moving_labels": (np.asarray(reg.apply(moving_gland, labels=True).data) > 0).astype(np.int32),
             "spacing": np.asarray(c.fixed.spacing, np.float32)}
 
 

@@ -66,7 +66,7 @@ from jaxreg.methods import Evaluation
 from jaxreg.models import translation as tmodels
 
 OBJECTIVES = ("translation",) + tuple(losses.SIMILARITIES)
-DATA_KINDS = ("mni_slice", "synthetic", "mni", "open_ms")
+DATA_KINDS = ("mni_slice", "synthetic", "mni", "open_ms", "prostate")
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -195,6 +195,66 @@ class OpenMSSlices:
                 "patient": patient, "slice": z, "contrast": contrast}
 
 
+class ProstatePairs:
+    """Real 3-D MR (modality A, moving) ↔ TRUS (B, fixed) pairs of ``prostate_mr_trus`` on the TRUS field of view.
+
+    Case pair: ``multimodal.prostate_arrays(start="centre", resolution=resolution, shape=shape)`` (the MR resampled
+    onto the TRUS field of view, at 0.4 mm or ``resolution`` mm, with the two grids' centres together, both in
+    [0, 1], centre-cropped/padded to ``shape``); no reference alignment exists. ``motion=False`` (test): pair ``i``
+    is case ``cases[i % len(cases)]`` as it is, with its gland labels and, where the case has them, ``landmarks`` /
+    ``moving_landmarks`` (blob centroids, voxels). ``motion=True`` (training): pair ``i`` is a case drawn by
+    ``np.random.default_rng([seed, i])`` whose MR (and gland) is pulled through a random
+    ``multimodal.smooth_motion`` of ``motion_options`` (augmentation of the ten-odd cases; the pair's own
+    misalignment stays, unknown). ``pair(i)``: ``fixed``, ``moving`` ``shape`` float32, ``fixed_labels``,
+    ``moving_labels`` int32, ``spacing`` ``(3,)`` mm, ``case``.
+    """
+
+    label_names = {1: "gland"}
+    num_labels = 2
+
+    def __init__(self, folder, cases, shape, *, seed: int, motion: bool, resolution: float | None = None,
+                 motion_options=None):
+        from jaxreg.data import multimodal
+
+        self.shape, self.seed, self.motion = tuple(int(s) for s in shape), int(seed), bool(motion)
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise ValueError(f"data.shape must be 3-D with sides >= 8 for data.kind='prostate', got {self.shape}")
+        self.cases = tuple(int(c) for c in (cases or ()))
+        if not self.cases:
+            raise ValueError("data.train_cases / data.test_cases: no case given for data.kind='prostate'")
+        self.motion_options = dict(motion_options or {})
+        loaded = multimodal.prostate_cases(folder, cases=self.cases)
+        found = {int(c.name.rsplit("_", 1)[1]) for c in loaded}
+        if found != set(self.cases):
+            raise ValueError(f"data.folder {folder}: cases {sorted(set(self.cases) - found)} not found")
+        self.arrays = {int(c.name.rsplit("_", 1)[1]): multimodal.prostate_arrays(
+            c, start="centre", resolution=resolution, shape=self.shape)
+                       for c in loaded}
+
+    def __len__(self):
+        return 2**31 - 1 if self.motion else len(self.cases)
+
+    def pair(self, index: int) -> dict:
+        if not self.motion:
+            case = self.cases[int(index) % len(self.cases)]
+            keys = ("fixed", "moving", "fixed_labels", "moving_labels", "spacing", "landmarks", "moving_landmarks")
+            return {**{k: v for k, v in self.arrays[case].items() if k in keys}, "case": case}
+        from jaxreg.data import multimodal
+
+        rng = np.random.default_rng([self.seed, int(index)])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        a = self.arrays[case]
+        u = multimodal.smooth_motion(self.shape, a["spacing"], seed=int(rng.integers(2**31)), **self.motion_options)
+        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in self.shape], indexing="ij"))
+        y = grid + np.moveaxis(u, -1, 0)
+        from scipy import ndimage
+
+        return {"fixed": a["fixed"], "moving": ndimage.map_coordinates(a["moving"], y, order=1, cval=0.0),
+                "fixed_labels": a["fixed_labels"],
+                "moving_labels": ndimage.map_coordinates(a["moving_labels"], y, order=0, cval=0),
+                "spacing": a["spacing"], "case": case}
+
+
 def make_dataset(cfg, *, split: str = "train"):
     """The dataset of a config's ``data`` block (``kind`` in ``DATA_KINDS``) for ``split`` ("train" or "test")."""
     if cfg.kind not in DATA_KINDS:
@@ -210,6 +270,12 @@ def make_dataset(cfg, *, split: str = "train"):
                             moving_contrasts=tuple(cfg.moving_contrasts),
                             resolution=cfg.resolution, min_brain_fraction=cfg.get("min_brain_fraction", 0.25),
                             **options)
+    if cfg.kind == "prostate":
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return ProstatePairs(cfg.folder, tuple(cfg.train_cases if split == "train" else cfg.test_cases), cfg.shape,
+                             seed=seed, motion=split == "train", resolution=cfg.get("resolution"),
+                             motion_options=options)
     if cfg.kind == "mni":
         options.setdefault("contrast", "t2")
         return datasets.MNIPairs(tuple(cfg.shape), seed=seed, resolution=cfg.resolution, **options)

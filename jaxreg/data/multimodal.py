@@ -98,6 +98,16 @@ def prostate_cases(folder, *, cases=None) -> list[Case]:
 START_MAPS = ("centre", "identity")
 
 
+def centre_start(fixed: io.Volume, moving: io.Volume) -> np.ndarray:
+    """``(4, 4)`` world map fixed -> moving, the translation that brings the centre of the fixed grid onto the
+    centre of the moving one (a start for images centred on the same anatomy; ``world.register_images``'
+    ``initial_affine``)."""
+    centre = lambda v: (v.affine @ np.r_[(np.asarray(v.shape, np.float64) - 1) / 2, 1.0])[:3]  # noqa: E731
+    out = np.eye(4)
+    out[:3, 3] = centre(moving) - centre(fixed)
+    return out
+
+
 def prostate_arrays(case: Case, *, start: str = "centre", resolution: float | None = None, shape=None) -> dict:
     """A prostate case as arrays on its TRUS (fixed) grid: the pair dict of ``jaxreg.methods.Evaluation``.
 
@@ -118,12 +128,7 @@ def prostate_arrays(case: Case, *, start: str = "centre", resolution: float | No
     if start not in START_MAPS:
         raise ValueError(f"start must be one of {START_MAPS}, got {start!r}")
     fixed_gland, moving_gland = case.masks["gland"]
-    shift = np.zeros(3)
-    if start == "centre":
-        centre = lambda v: (v.affine @ np.r_[(np.asarray(v.shape, np.float64) - 1) / 2, 1.0])[:3]  # noqa: E731
-        shift = centre(case.moving) - centre(case.fixed)
-    start_map = np.eye(4)
-    start_map[:3, 3] = shift
+    start_map = centre_start(case.fixed, case.moving) if start == "centre" else np.eye(4)
     fixed, fixed_gland = case.fixed, fixed_gland
     if resolution is not None:
         if not float(resolution) > 0:

@@ -574,11 +574,15 @@ def evaluation(config, workdir) -> Evaluation:
     if unknown:
         raise ValueError(f"config.eval.overrides names unknown methods {unknown}; use learned or a similarity name")
 
+    @functools.lru_cache(maxsize=1)  # pair 0 is read here for its labels, then again by the evaluation
+    def host_pair(i):
+        return make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)
+
     def pair(i):
-        p = make_pair(config.data, seed=config.data.test_seed, index=i, aligned=False)
+        p = host_pair(i)
         return {**p, "fixed": jnp.asarray(p["fixed"]), "moving": jnp.asarray(p["moving"])}
 
-    first = make_pair(config.data, seed=config.data.test_seed, index=0, aligned=False)
+    first = host_pair(0)
     if config.data.kind == "open_ms":
         from jaxreg.data.multimodal import TISSUES
         label_names = dict(TISSUES)

@@ -120,6 +120,7 @@ def get_config(arg: str = ""):
         c.data.shape = (32, 32, 32)  # padded for the U-Nets' four halvings
         c.data.seed = 0
         c.data.test_seed = 1_000_000
+        c.data.augment_fixed = True  # the TRUS moved at random too (False: T learns the ten TRUS images by heart)
         c.data.options = ml_collections.ConfigDict({"rotation_deg": 5.0, "shift_mm": 1.5, "scale": 0.05,
                                                     "deform_mm": 1.0, "sigma_mm": 6.0})  # training augmentation
         c.train.batch_size = 2

@@ -381,6 +381,11 @@ def test_prostate_pairs():
     assert {q0["case"], q1["case"]} <= set(range(10)) and not np.array_equal(q0["moving"], q1["moving"])
     assert q0["moving"].dtype == np.float32 and q0["moving_labels"].dtype == np.int32
     np.testing.assert_array_equal(train.pair(0)["moving"], q0["moving"])  # deterministic per index
+    assert c.data.augment_fixed and not np.array_equal(q0["fixed"], train.arrays[q0["case"]]["fixed"])
+    c.data.augment_fixed = False  # the TRUS as it is, the MR moved by the same motion as before
+    still = mt.make_dataset(c.data, split="train").pair(0)
+    np.testing.assert_array_equal(still["fixed"], train.arrays[still["case"]]["fixed"])
+    np.testing.assert_array_equal(still["moving"], q0["moving"])
     bad = load_config("translation_real", "prostate")
     bad.data.folder = PROSTATE
     bad.data.test_cases = (10, 42)

@@ -205,15 +205,16 @@ class ProstatePairs:
     ``moving_landmarks`` (blob centroids, voxels). ``motion=True`` (training): pair ``i`` is a case drawn by
     ``np.random.default_rng([seed, i])`` whose MR (and gland) is pulled through a random
     ``multimodal.smooth_motion`` of ``motion_options`` (augmentation of the ten-odd cases; the pair's own
-    misalignment stays, unknown). ``pair(i)``: ``fixed``, ``moving`` ``shape`` float32, ``fixed_labels``,
-    ``moving_labels`` int32, ``spacing`` ``(3,)`` mm, ``case``.
+    misalignment stays, unknown), and with ``augment_fixed`` the TRUS too, through another one (otherwise T can
+    learn each training case's one TRUS image by heart and R has nothing to do). ``pair(i)``: ``fixed``,
+    ``moving`` ``shape`` float32, ``fixed_labels``, ``moving_labels`` int32, ``spacing`` ``(3,)`` mm, ``case``.
     """
 
     label_names = {1: "gland"}
     num_labels = 2
 
     def __init__(self, folder, cases, shape, *, seed: int, motion: bool, resolution: float | None = None,
-                 motion_options=None):
+                 augment_fixed: bool = False, motion_options=None):
         from jaxreg.data import multimodal
 
         self.shape, self.seed, self.motion = tuple(int(s) for s in shape), int(seed), bool(motion)
@@ -222,7 +223,7 @@ class ProstatePairs:
         self.cases = tuple(int(c) for c in (cases or ()))
         if not self.cases:
             raise ValueError("data.train_cases / data.test_cases: no case given for data.kind='prostate'")
-        self.motion_options = dict(motion_options or {})
+        self.motion_options, self.augment_fixed = dict(motion_options or {}), bool(augment_fixed)
         loaded = multimodal.prostate_cases(folder, cases=self.cases)
         found = {int(c.name.rsplit("_", 1)[1]) for c in loaded}
         if found != set(self.cases):
@@ -241,18 +242,20 @@ class ProstatePairs:
             return {**{k: v for k, v in self.arrays[case].items() if k in keys}, "case": case}
         from jaxreg.data import multimodal
 
+        from scipy import ndimage
+
         rng = np.random.default_rng([self.seed, int(index)])
         case = self.cases[int(rng.integers(len(self.cases)))]
         a = self.arrays[case]
-        u = multimodal.smooth_motion(self.shape, a["spacing"], seed=int(rng.integers(2**31)), **self.motion_options)
         grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in self.shape], indexing="ij"))
-        y = grid + np.moveaxis(u, -1, 0)
-        from scipy import ndimage
-
-        return {"fixed": a["fixed"], "moving": ndimage.map_coordinates(a["moving"], y, order=1, cval=0.0),
-                "fixed_labels": a["fixed_labels"],
-                "moving_labels": ndimage.map_coordinates(a["moving_labels"], y, order=0, cval=0),
-                "spacing": a["spacing"], "case": case}
+        out = {"spacing": a["spacing"], "case": case}
+        for side in ("moving", "fixed") if self.augment_fixed else ("moving",):
+            u = multimodal.smooth_motion(self.shape, a["spacing"], seed=int(rng.integers(2**31)),
+                                         **self.motion_options)
+            y = grid + np.moveaxis(u, -1, 0)
+            out[side] = ndimage.map_coordinates(a[side], y, order=1, cval=0.0)
+            out[f"{side}_labels"] = ndimage.map_coordinates(a[f"{side}_labels"], y, order=0, cval=0)
+        return {"fixed": a["fixed"], "fixed_labels": a["fixed_labels"], **out}
 
 
 def make_dataset(cfg, *, split: str = "train"):
@@ -275,7 +278,7 @@ def make_dataset(cfg, *, split: str = "train"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return ProstatePairs(cfg.folder, tuple(cfg.train_cases if split == "train" else cfg.test_cases), cfg.shape,
                              seed=seed, motion=split == "train", resolution=cfg.get("resolution"),
-                             motion_options=options)
+                             augment_fixed=cfg.get("augment_fixed", False), motion_options=options)
     if cfg.kind == "mni":
         options.setdefault("contrast", "t2")
         return datasets.MNIPairs(tuple(cfg.shape), seed=seed, resolution=cfg.resolution, **options)
@@ -527,8 +530,10 @@ def evaluation(config, workdir) -> Evaluation:
     note = "" if not missing else f"baselines not found (train them first): {', '.join(missing)}"
     names = getattr(dataset, "label_names", None) or {k: str(k) for k in range(1, dataset.num_labels)}
     paired = tuple((runs[0][0], label) for label, _, _ in runs[1:])
+    known = "disp" in dataset.pair(0)  # real cases (prostate) have landmarks but no true field: no EPE, no T L1
+    columns = tuple(c for c in COLUMNS if known or c[0] not in ("epe_mm", "t_l1"))
     return Evaluation(pairs=pair, num_pairs=int(e.num_pairs), methods=run,
-                      measures=("dice", "jacobian", "tre", "epe"),
-                      label_names=dict(names), columns=COLUMNS, paired=paired,
-                      paired_keys=("tre_mm", "epe_mm", "dice_mean"), info={"steps": steps, "missing": missing},
-                      note=note)
+                      measures=("dice", "jacobian", "tre") + (("epe",) if known else ()),
+                      label_names=dict(names), columns=columns, paired=paired,
+                      paired_keys=("tre_mm",) + (("epe_mm",) if known else ()) + ("dice_mean",),
+                      info={"steps": steps, "missing": missing}, note=note)

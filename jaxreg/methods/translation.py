@@ -59,9 +59,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from jaxreg import losses, optimize, spatial, training
-from jaxreg.data import datasets, preprocess, synthetic
+from jaxreg.data import datasets, multimodal, preprocess, synthetic
 from jaxreg.methods import Evaluation
 from jaxreg.models import translation as tmodels
 
@@ -161,8 +162,6 @@ class OpenMSSlices:
 
     def _volumes(self, patient):
         contrasts = tuple(dict.fromkeys((self.fixed_contrast,) + self.moving_contrasts))
-        from jaxreg.data import multimodal
-
         return multimodal.open_ms_volumes_cached(self.folder, patient, contrasts, self.resolution)
 
     def __len__(self):
@@ -215,8 +214,6 @@ class ProstatePairs:
 
     def __init__(self, folder, cases, shape, *, seed: int, motion: bool, resolution: float | None = None,
                  augment_fixed: bool = False, motion_options=None):
-        from jaxreg.data import multimodal
-
         self.shape, self.seed, self.motion = tuple(int(s) for s in shape), int(seed), bool(motion)
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise ValueError(f"data.shape must be 3-D with sides >= 8 for data.kind='prostate', got {self.shape}")
@@ -228,8 +225,8 @@ class ProstatePairs:
         found = {int(c.name.rsplit("_", 1)[1]) for c in loaded}
         if found != set(self.cases):
             raise ValueError(f"data.folder {folder}: cases {sorted(set(self.cases) - found)} not found")
-        self.arrays = {int(c.name.rsplit("_", 1)[1]): multimodal.prostate_arrays(
-            c, start="centre", resolution=resolution, shape=self.shape)
+        self.arrays = {int(c.name.rsplit("_", 1)[1]):
+                       multimodal.prostate_arrays(c, start="centre", resolution=resolution, shape=self.shape)
                        for c in loaded}
 
     def __len__(self):
@@ -240,10 +237,6 @@ class ProstatePairs:
             case = self.cases[int(index) % len(self.cases)]
             keys = ("fixed", "moving", "fixed_labels", "moving_labels", "spacing", "landmarks", "moving_landmarks")
             return {**{k: v for k, v in self.arrays[case].items() if k in keys}, "case": case}
-        from jaxreg.data import multimodal
-
-        from scipy import ndimage
-
         rng = np.random.default_rng([self.seed, int(index)])
         case = self.cases[int(rng.integers(len(self.cases)))]
         a = self.arrays[case]

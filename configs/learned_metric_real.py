@@ -10,7 +10,7 @@ weight differ. Run (2 CPU cores; variant ``:flair`` for FLAIR → T1):
     nice -n 5 python train.py --config configs/learned_metric_real.py --workdir runs/metric_real_t2
     python evaluate.py --config configs/learned_metric_real.py --workdir runs/metric_real_t2
 
-    python benchmarks/bench_learned_real.py --config configs/learned_metric_real.py \
+    python benchmarks/bench_learned_real.py --config configs/learned_metric_real.py \\
         --workdir runs/metric_real_t2 --peers ants_mi --out benchmarks/results/metric_real_t2_2026-12-01.json
 
 Split: train patient07 (aligned T1/T2); validation patient07 moved by seeds 500–501 (each similarity's

@@ -2,11 +2,11 @@
 (weight 1) on 35 coarse structures grouped from the ~100 manual regions (``mindboggle_vxm.coarse_groups``);
 evaluated on every region of the held-out subjects 11-14.
 
-    python train.py --config configs/mindboggle_semisup.py --workdir runs/mindboggle_semisup \
+    python train.py --config configs/mindboggle_semisup.py --workdir runs/mindboggle_semisup \\
         --export benchmarks/models/mindboggle_semisup
     python evaluate.py --config configs/mindboggle_semisup.py --workdir runs/mindboggle_semisup
-    python benchmarks/bench_real.py --data ../shared/data --subjects 11,12,13,14 --all-pairs --resolution 2 \
-        --methods identity,default --model benchmarks/models/mindboggle_semisup --refine 20,40,60 --hd95 \
+    python benchmarks/bench_real.py --data ../shared/data --subjects 11,12,13,14 --all-pairs --resolution 2 \\
+        --methods identity,default --model benchmarks/models/mindboggle_semisup --refine 20,40,60 --hd95 \\
         --out benchmarks/results/learned_real_2mm_refine2_2026-12-01.json
 
 Measured (2026-12-01; 3000 steps of batch 1 on the 2-core CPU, ≈ 75 min beside another training; subjects 1-8

@@ -19,13 +19,13 @@ baselines train the same R with MI (32 bins) or NGF directly across the modaliti
 
     nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real
     nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real_mi  --config.objective=mi
-    nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real_ngf --config.objective=ngf \
+    nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real_ngf --config.objective=ngf \\
         --config.train.steps=800   # as measured (NGF did not learn; not continued)
-    nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real_noadv \
+    nice -n 5 python train.py --config configs/translation_real.py --workdir runs/tr_real_noadv \\
         --config.loss.adversarial_weight=0
     python evaluate.py --config configs/translation_real.py --workdir runs/tr_real     # runs/tr_real/eval/
-    python evaluate.py --config configs/translation_real.py --workdir runs/tr_real_noadv \
-        --config.loss.adversarial_weight=0 --config.eval.baselines='("mi",)' \
+    python evaluate.py --config configs/translation_real.py --workdir runs/tr_real_noadv \\
+        --config.loss.adversarial_weight=0 --config.eval.baselines='("mi",)' \\
         --config.eval.baseline_dirs.mi=runs/tr_real_mi --config.eval.classical_preset=""
 
 CPU budget (2 cores shared with another user's trainings; ``nice -n 5``): batch 8 at 80×96. The four trainings ran
@@ -164,7 +164,7 @@ def get_config(arg: str = ""):
         c.data.options = ml_collections.ConfigDict({"rotation_deg": 5.0, "shift_mm": 1.5, "scale": 0.05,
                                                     "deform_mm": 1.0, "sigma_mm": 6.0})  # training augmentation
         c.train.batch_size = 2
-        c.train.steps = 1000
+        c.train.steps = 1200
         c.train.log_every = 20
         c.eval.num_pairs = 10
     return c

@@ -145,7 +145,8 @@ def _metrics():
 #: similarity options (metric_options, affine_metric_options) come from --window, --bins and --metric-checkpoint
 _FIELD_FLAGS = {
     "transform": ("--transform", lambda: sorted(transforms.PARAMETRIC) + [NONE], "parametric stage"),
-    "init": ("--init", lambda: ["com", NONE], "start the parametric stage from the centre-of-mass shift"),
+    "init": ("--init", lambda: list(optimize.INITS) + [NONE],
+             "start the parametric stage from the centres of mass (com) or of the two grids (centre)"),
     "deformable": ("--deformable", lambda: list(optimize.DEFORMABLE) + [NONE], "deformable model"),
     "metric": ("--metric", _metrics, "similarity of the deformable stage (learned: with --metric-checkpoint)"),
     "affine_metric": ("--affine-metric", _metrics, "similarity of the parametric stage (none: --metric)"),

@@ -47,6 +47,8 @@ from jax.typing import ArrayLike
 from jaxreg import _validate, losses, spatial, transforms
 
 DEFORMABLE = ("disp", "svf", "bspline", "diffeo")
+#: starts of the parametric stage (``RegisterOptions.init``): centres of mass, grid centres
+INITS = ("com", "centre")
 #: scaling-and-squaring steps of each greedy "diffeo" update (its exponential; 2 and 4 gave the same Dice and
 #: folding on three TUNE pairs, the full-resolution level 4-17 % faster with 2: BENCHMARKS.md)
 DIFFEO_STEPS = 2
@@ -108,7 +110,9 @@ class RegisterOptions:
     are copied into plain dicts (treat them as read-only).
 
     init: ``"com"`` shifts the moving image's intensity centre of mass onto the fixed one's before the parametric
-      stage, None starts from the identity ["com"].
+      stage, ``"centre"`` the moving grid's centre onto the fixed grid's (for images centred on the same anatomy
+      but on grids that share no world frame, e.g. the prostate MR ↔ ultrasound pairs; the identity when both
+      images share a grid), None starts from the identity ["com"].
     transform: parametric stage, a key of ``transforms.PARAMETRIC`` ("translation", "rigid", "similarity",
       "affine") or None to skip it ["affine"].
     deformable: deformable stage, one of ``DEFORMABLE`` or None to skip it ["disp"]: "disp" (dense displacement),
@@ -185,7 +189,7 @@ class RegisterOptions:
             also = " or a callable fn(fixed, warped, *, mask=None, **options) -> scalar" if metric else ""
             raise ValueError(f"{name} must be one of {sorted(valid)}{' or None' if none else ''}{also}, got {value!r}")
 
-        choice("init", ("com",))
+        choice("init", INITS)
         choice("transform", transforms.PARAMETRIC)
         choice("deformable", DEFORMABLE)
         choice("metric", losses.SIMILARITIES, none=False, metric=True)
@@ -527,6 +531,24 @@ def centre_of_mass_shift(fixed, moving, fixed_mask=None, moving_mask=None, grid=
     return target - com(fixed, fixed_mask)
 
 
+def grid_centre_shift(fixed, moving, grid=None):
+    """Translation (fixed-grid voxels) taking the fixed grid's centre to the moving grid's: ``(ndim,)``.
+
+    Only the images' shapes are read. With ``grid`` (the fixed-voxel → moving-voxel matrix of a moving image on its
+    own grid) the moving grid's centre is carried back into fixed voxels, so the shift is the one between the two
+    grids' centres in world space; without, both images share one grid and the shift is zero.
+    """
+    nd = fixed.ndim
+    centre = lambda a: (jnp.asarray(a.shape, fixed.dtype) - 1) / 2  # noqa: E731
+    target = centre(moving)
+    if grid is not None:
+        grid = jnp.asarray(grid, target.dtype)
+        target = jnp.linalg.solve(grid[:nd, :nd], target - grid[:nd, nd])
+    else:
+        target = centre(fixed)
+    return target - centre(fixed)
+
+
 @functools.lru_cache(maxsize=64)
 def _optimizer(name, learning_rate, max_iter):
     """Adam or SGD+momentum with a cosine decay to 10 % over the level (cached: the optimiser keys the jit cache)."""
@@ -717,7 +739,8 @@ def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_mat
 
 def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log: _Log) -> jax.Array:
     """The ``(ndim+1, ndim+1)`` matrix (per pair) of ``opts.transform``, optimised coarse to fine over
-    ``affine_levels`` from the centre-of-mass shift (``init="com"``) or the identity; without a transform,
+    ``affine_levels`` from the centre-of-mass shift (``init="com"``), the grids' centres' (``"centre"``) or the
+    identity; without a transform,
     ``initial_matrix`` or the identity."""
     shape, ndim, dtype, model = pairs.shape, pairs.ndim, pairs.dtype, opts.transform
     if model is None:
@@ -728,10 +751,13 @@ def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log:
     extent = np.asarray(shape, np.float64) * (pairs.spacing if mm else 1.0)
     trans_unit = float(extent.max()) / 20.0  # translations are optimised in these units (see _level_matrix)
     params = pairs.broadcast(jnp.zeros(transforms.num_params(model, ndim), dtype))
-    if opts.init == "com":
+    if opts.init is not None:
         grid = None if pairs.grid is None else jnp.asarray(pairs.grid, dtype)
-        shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask, pairs.moving_mask,
-                                                     grid)
+        if opts.init == "com":
+            shift = pairs.per_pair(centre_of_mass_shift)(pairs.fixed, pairs.moving, pairs.fixed_mask,
+                                                         pairs.moving_mask, grid)
+        else:
+            shift = pairs.per_pair(grid_centre_shift)(pairs.fixed, pairs.moving, grid)
         if mm:
             shift = shift * spacing
         params = params.at[..., _translation_slice(model, ndim)].set(shift / trans_unit)

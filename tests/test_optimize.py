@@ -125,7 +125,7 @@ def test_instance_optimisation_starts_from_the_given_field():
         ({"affine_metric": 3}, r"affine_metric must be one of .* or None or a callable"),
         ({"transform": "shear"}, r"transform must be one of"),
         ({"deformable": "fluid"}, r"deformable must be one of"),
-        ({"init": "moments"}, r"init must be one of \['com'\] or None"),
+        ({"init": "moments"}, r"init must be one of \['centre', 'com'\] or None"),
         ({"regularizer": "tv"}, r"regularizer must be one of \['bending', 'diffusion', 'folding'\] or None"),
         ({"levels": (2, 1), "iterations": (5, 5, 5)}, r"iterations must be a single value or one per level \(2\)"),
         ({"iterations": -1}, r"iterations must be an int >= 0 or one per level, got -1"),
@@ -400,6 +400,34 @@ def test_a_moving_image_on_its_own_grid_registers_like_one_on_the_fixed_grid():
         optimize.register(f, mo, moving_grid=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="moving_mask must have the shape of its image"):
         optimize.register(f, mo, moving_grid=grid, moving_mask=np.ones(f.shape))
+
+
+def test_init_centre_starts_from_the_grids_centres():
+    """Images centred on one object, grids sharing only their first corner (as the prostate MR and TRUS): the
+    "centre" start is the shift between the grids' centres (also through an oblique grid, against NumPy), and the
+    translation stage from there keeps it, where the centre of mass is pulled off by a bright spot elsewhere."""
+    fixed = np.zeros((32, 32), np.float32)
+    fixed[10:22, 8:24] = 1.0
+    fixed[13:17, 12:15] = 0.3
+    moving = np.zeros((48, 56), np.float32)
+    moving[8:40, 12:44] = fixed  # the same object at the moving grid's centre: moving voxel = fixed voxel + (8, 12)
+    moving[1:5, 48:54] = 3.0  # a bright spot outside the object (pulls the centre of mass)
+    grid = np.eye(3)
+    np.testing.assert_allclose(optimize.grid_centre_shift(jnp.asarray(fixed), jnp.asarray(moving), grid), (8, 12))
+    oblique = np.array([[0.9, -0.3, 4.0], [0.2, 1.1, -2.0], [0.0, 0.0, 1.0]])
+    expected = np.linalg.solve(oblique[:2, :2], (np.array([47, 55]) / 2 - oblique[:2, 2])) - np.array([31, 31]) / 2
+    np.testing.assert_allclose(optimize.grid_centre_shift(jnp.asarray(fixed), jnp.asarray(moving), oblique),
+                               expected, rtol=1e-5)
+    np.testing.assert_allclose(optimize.grid_centre_shift(jnp.asarray(fixed), jnp.asarray(fixed)), (0, 0))
+    opts = optimize.RegisterOptions(transform="translation", deformable=None, init="centre", affine_levels=(1,),
+                                    affine_iterations=(20,), affine_metric="mse")
+    r = optimize.register(fixed, moving, options=opts, moving_grid=grid)
+    np.testing.assert_allclose(np.asarray(r.matrix)[:2, 2], (8, 12), atol=0.25)
+    np.testing.assert_allclose(np.asarray(r.warped), fixed, atol=0.05)
+    com = optimize.centre_of_mass_shift(jnp.asarray(fixed), jnp.asarray(moving), grid=grid)
+    assert np.abs(np.asarray(com) - (8, 12)).max() > 3  # the engine's default start would be far off
+    with pytest.raises(ValueError, match="init must be one of"):
+        optimize.RegisterOptions(init="middle")
 
 
 def test_crop_runs_the_deformable_stage_on_the_foreground_box(rng):

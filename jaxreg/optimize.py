@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -858,12 +859,27 @@ def _uncrop(field, box, shape, batched):
     return jnp.pad(field, ([(0, 0)] if batched else []) + pad + [(0, 0)], mode="edge")
 
 
+def _warn_if_folded(matrix, ndim: int) -> None:
+    """A ``RuntimeWarning`` when the parametric transform (``(..., ndim+1, ndim+1)``, one per pair) has a linear
+    part with determinant <= 0: a reflection or a collapse, which no anatomy needs (the images' similarity was
+    optimised somewhere meaningless, e.g. MI across modalities from a poor start)."""
+    det = np.linalg.det(np.asarray(matrix, np.float64)[..., :ndim, :ndim])
+    bad = np.flatnonzero(np.atleast_1d(det) <= 0)
+    if bad.size:
+        which = f" (pairs {bad.tolist()} of the batch)" if np.ndim(det) else ""
+        warnings.warn(f"the parametric stage returned a reflection or collapse, determinant "
+                      f"{np.atleast_1d(det)[bad].round(3).tolist()}{which}: the result is not an anatomical "
+                      f"alignment; try another start (init), a rigid or similarity transform, or another "
+                      f"affine_metric", RuntimeWarning, stacklevel=3)
+
+
 def _register(fixed, moving, opts: RegisterOptions, *, batched, fixed_mask, moving_mask, moving_grid, spacing,
               initial_disp, initial_matrix, callback, progress=None) -> Result:
     pairs = _checked_pairs(fixed, moving, fixed_mask, moving_mask, moving_grid, spacing, batched=batched)
     _check_setup(pairs, opts, initial_disp, initial_matrix)
     log = _Log(callback, progress)
     matrix = _parametric_stage(pairs, opts, initial_matrix, log)
+    _warn_if_folded(matrix, pairs.ndim)
     box = _crop_box(pairs, matrix) if opts.crop and opts.deformable else None
     if box is None:
         u, velocity = _deformable_stage(pairs, opts, matrix, initial_disp, log)

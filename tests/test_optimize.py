@@ -430,6 +430,15 @@ def test_init_centre_starts_from_the_grids_centres():
         optimize.RegisterOptions(init="middle")
 
 
+def test_a_reflected_parametric_transform_is_a_warning():
+    img = np.zeros((16, 16), np.float32)
+    img[4:10, 5:12] = 1.0
+    flip = np.diag([-1.0, 1.0, 1.0])  # about the grid centre
+    with pytest.warns(RuntimeWarning, match="reflection or collapse, determinant \\[-1.0\\]"):
+        r = optimize.register(img, img[::-1].copy(), transform=None, deformable=None, initial_matrix=flip)
+    np.testing.assert_allclose(np.asarray(r.warped), img, atol=1e-5)  # the flip itself is applied as given
+
+
 def test_crop_runs_the_deformable_stage_on_the_foreground_box(rng):
     """``crop=True``: a small object in a large field of view is registered on a box around both images (rounded
     to ``CROP_MULTIPLE``), as well as on the whole grid, and the field continues its border values outside the box;

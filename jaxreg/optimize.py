@@ -540,14 +540,11 @@ def grid_centre_shift(fixed, moving, grid=None):
     grids' centres in world space; without, both images share one grid and the shift is zero.
     """
     nd = fixed.ndim
+    if grid is None:
+        return jnp.zeros(nd, fixed.dtype)
     centre = lambda a: (jnp.asarray(a.shape, fixed.dtype) - 1) / 2  # noqa: E731
-    target = centre(moving)
-    if grid is not None:
-        grid = jnp.asarray(grid, target.dtype)
-        target = jnp.linalg.solve(grid[:nd, :nd], target - grid[:nd, nd])
-    else:
-        target = centre(fixed)
-    return target - centre(fixed)
+    grid = jnp.asarray(grid, fixed.dtype)
+    return jnp.linalg.solve(grid[:nd, :nd], centre(moving) - grid[:nd, nd]) - centre(fixed)
 
 
 @functools.lru_cache(maxsize=64)
@@ -741,8 +738,7 @@ def _check_setup(pairs: _Pairs, opts: RegisterOptions, initial_disp, initial_mat
 def _parametric_stage(pairs: _Pairs, opts: RegisterOptions, initial_matrix, log: _Log) -> jax.Array:
     """The ``(ndim+1, ndim+1)`` matrix (per pair) of ``opts.transform``, optimised coarse to fine over
     ``affine_levels`` from the centre-of-mass shift (``init="com"``), the grids' centres' (``"centre"``) or the
-    identity; without a transform,
-    ``initial_matrix`` or the identity."""
+    identity; without a transform, ``initial_matrix`` or the identity."""
     shape, ndim, dtype, model = pairs.shape, pairs.ndim, pairs.dtype, opts.transform
     if model is None:
         eye = pairs.broadcast(jnp.eye(ndim + 1, dtype=dtype))

@@ -128,7 +128,7 @@ def prostate_arrays(case: Case, *, start: str = "centre", resolution: float | No
         raise ValueError(f"start must be one of {START_MAPS}, got {start!r}")
     fixed_gland, moving_gland = case.masks["gland"]
     start_map = centre_start(case.fixed, case.moving) if start == "centre" else np.eye(4)
-    fixed, fixed_gland = case.fixed, fixed_gland
+    fixed = case.fixed
     if resolution is not None:
         if not float(resolution) > 0:
             raise ValueError(f"resolution must be > 0 (mm), got {resolution}")

@@ -66,3 +66,14 @@ class Evaluation(NamedTuple):
     paired_keys: tuple = ("dice_mean",)
     info: Mapping = {}
     note: str = ""
+
+
+def classical(preset: str) -> Callable[[dict], dict]:
+    """The classical engine with ``optimize.PRESETS[preset]`` as an evaluated method (``Evaluation.methods``):
+    ``fn(pair) -> {"disp"}``, the pair's moving image registered onto its fixed one on their shared grid."""
+    from jaxreg import optimize
+
+    if preset not in optimize.PRESETS:
+        raise ValueError(f"classical preset must be one of {sorted(optimize.PRESETS)}, got {preset!r}")
+    options = optimize.PRESETS[preset]
+    return lambda p: {"disp": optimize.register(p["fixed"], p["moving"], options=options).disp}

@@ -66,7 +66,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from jaxreg import spatial, training
-from jaxreg.methods import Evaluation
+from jaxreg.methods import Evaluation, classical
 from jaxreg.models import supervised as net_lib
 
 #: Evaluated methods: ``identity`` (no registration), ``affine`` (the pre-alignment alone), ``demons``
@@ -557,7 +557,7 @@ def evaluation(config, workdir) -> Evaluation:
            "affine": timed(lambda p, matrix, a, moving_a: a),
            "demons": timed(lambda p, matrix, a, moving_a: compose_residual(
                matrix, a, demons_lib.demons(p["fixed"], moving_a, **dict(e.demons)))),
-           "diffeo": _engine(e.classical_preset), "classical": _engine(config.target_preset)}
+           "diffeo": classical(e.classical_preset), "classical": classical(config.target_preset)}
     for name, sigma, passes in (("supervised", float(config.predict.sigma), int(config.predict.iterations)),
                                 ("supervised_raw", 0.0, 1)):
         if name in names:
@@ -591,13 +591,6 @@ def evaluation(config, workdir) -> Evaluation:
     return Evaluation(pairs=pair, num_pairs=num, methods={n: run[n] for n in names},
                       measures=measures, label_names=label_names,
                       columns=tuple(columns), paired=paired, paired_keys=tuple(keys), info=info)
-
-
-def _engine(preset: str):
-    """The classical engine with ``optimize.PRESETS[preset]`` as an evaluated method: ``fn(pair) -> {"disp"}``."""
-    from jaxreg import optimize
-
-    return lambda p: {"disp": optimize.register(p["fixed"], p["moving"], options=optimize.PRESETS[preset]).disp}
 
 
 @functools.lru_cache(maxsize=8)
